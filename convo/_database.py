@@ -1,0 +1,226 @@
+"""Connecting to the database: URLs, engines, and the context manager owning each transaction.
+
+* ``None`` means ``CONVO_DATABASE_URL``, then the embedded SQLite file in the
+  user data directory.
+* ``postgresql://`` and ``postgres://`` use psycopg 3; ``mysql://`` and
+  ``mariadb://`` use PyMySQL (the ``postgres`` and ``mysql`` extras).
+* SQLite runs in WAL mode with a busy timeout, foreign keys on, and write
+  transactions that take the write lock up front (``BEGIN IMMEDIATE``), so
+  concurrent writers queue instead of failing.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Final
+
+import platformdirs
+from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url, pool
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session
+
+from ._models import TABLE_PREFIX, VERSION_TABLE
+from .errors import DatabaseUnavailable, InvalidInput, MissingDriver, NotAConvoDatabase
+
+ENV_DATABASE_URL: Final = "CONVO_DATABASE_URL"
+SQLITE_BUSY_TIMEOUT_S: Final = 60.0
+
+_DRIVERS: Final = {
+    "postgresql": ("postgresql+psycopg", "psycopg", "postgres"),
+    "postgres": ("postgresql+psycopg", "psycopg", "postgres"),
+    "mysql": ("mysql+pymysql", "pymysql", "mysql"),
+    "mariadb": ("mariadb+pymysql", "pymysql", "mysql"),
+}
+
+
+def default_database_path() -> Path:
+    """The embedded SQLite file: ``convo.db`` in the user data directory."""
+    return platformdirs.user_data_path("convo", appauthor=False) / "convo.db"
+
+
+def resolve_url(url: str | URL | None = None) -> URL:
+    """The URL convo will use: given, else ``CONVO_DATABASE_URL``, else the embedded file."""
+    if url is None:
+        url = os.environ.get(ENV_DATABASE_URL) or f"sqlite:///{default_database_path()}"
+    try:
+        parsed = make_url(url) if isinstance(url, str) else url
+    except sa_exc.ArgumentError:
+        raise InvalidInput("database URL", f"cannot be parsed: {url!r}") from None
+    backend = parsed.get_backend_name()
+    if "+" not in parsed.drivername and backend in _DRIVERS:
+        parsed = parsed.set(drivername=_DRIVERS[backend][0])
+    if parsed.get_backend_name() in ("mysql", "mariadb") and "charset" not in parsed.query:
+        parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+    if backend == "sqlite" and parsed.database and parsed.database != ":memory:":
+        parsed = parsed.set(database=str(Path(parsed.database).expanduser()))
+    return parsed
+
+
+def mask(url: URL) -> str:
+    """The URL as it is safe to print: its password replaced by ``***``."""
+    return url.render_as_string(hide_password=True)
+
+
+def sqlite_file(url: URL) -> Path | None:
+    """The file behind a SQLite URL, or None for an in-memory database."""
+    if url.get_backend_name() != "sqlite":
+        return None
+    database = url.database or ""
+    if database in ("", ":memory:") or database.startswith("file::memory:"):
+        return None
+    return Path(database)
+
+
+def inspect_sqlite_file(path: Path) -> bool:
+    """Check a SQLite file without changing it. True if it already has convo's schema.
+
+    A file that does not exist or is empty is fine (False). A file that is not
+    a SQLite database, or holds tables of something other than convo, raises
+    :class:`NotAConvoDatabase`; it is opened read-only and left as it was.
+    """
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with path.open("rb") as handle:
+        header = handle.read(16)
+    if header != b"SQLite format 3\x00":
+        raise NotAConvoDatabase(f"{path} is not a SQLite database; it was left untouched")
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            names = {
+                row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise NotAConvoDatabase(
+            f"{path} cannot be read as a SQLite database ({exc}); it was left untouched"
+        ) from None
+    if VERSION_TABLE in names:
+        return True
+    foreign = sorted(name for name in names if not name.startswith(TABLE_PREFIX))
+    if foreign:
+        raise NotAConvoDatabase(
+            f"{path} is not a convo database (it has tables {', '.join(foreign[:5])}); it was "
+            "left untouched. Add convo's tables to it on purpose with "
+            f"`convo db upgrade --db sqlite:///{path}`"
+        )
+    return False
+
+
+def _configure_sqlite(engine: Engine, *, wal: bool) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # We issue BEGIN ourselves (below), so pysqlite must not.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        if wal:
+            cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        # A write transaction takes the write lock at BEGIN: a deferred one that
+        # read first could not upgrade its lock once another writer committed.
+        write = connection.get_execution_options().get("convo_write", False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def make_engine(url: URL, *, echo: bool = False) -> Engine:
+    """An engine for ``url`` with convo's connection settings."""
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        path = sqlite_file(url)
+        if path is None:
+            engine = create_engine(
+                url,
+                echo=echo,
+                poolclass=pool.StaticPool,
+                connect_args={"check_same_thread": False},
+            )
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(url, echo=echo, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+        _configure_sqlite(engine, wal=path is not None)
+        return engine
+    try:
+        return create_engine(url, echo=echo, pool_pre_ping=True)
+    except ModuleNotFoundError as exc:
+        extra = next((v[2] for k, v in _DRIVERS.items() if k == backend), None)
+        hint = f"pip install 'convo[{extra}]'" if extra else f"install the driver for {backend}"
+        raise MissingDriver(
+            f"{mask(url)} needs the {exc.name} package, which is not installed: {hint}"
+        ) from None
+    except sa_exc.NoSuchModuleError:
+        raise InvalidInput("database URL", f"unknown database or driver in {mask(url)}") from None
+
+
+def unavailable(url: URL, exc: BaseException) -> DatabaseUnavailable:
+    """A :class:`DatabaseUnavailable` for ``exc``, with no password in its text."""
+    detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    if url.password:
+        detail = detail.replace(str(url.password), "***")
+    return DatabaseUnavailable(f"cannot use the database at {mask(url)}: {detail}")
+
+
+class Database:
+    """An engine and the transactions over it. One per store; safe across threads."""
+
+    def __init__(self, url: URL, *, echo: bool = False) -> None:
+        self.url = url
+        self.engine = make_engine(url, echo=echo)
+        self._write_engine = self.engine.execution_options(convo_write=True)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def _reported(self) -> Iterator[None]:
+        try:
+            yield
+        except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+            raise unavailable(self.url, exc) from exc
+
+    @contextmanager
+    def transaction(self, *, write: bool = False) -> Iterator[Session]:
+        """A session in one transaction: committed on success, rolled back on any error.
+
+        ``write=True`` marks a transaction that will write; on SQLite it takes
+        the write lock when it begins.
+        """
+        engine = self._write_engine if write else self.engine
+        with (
+            self._reported(),
+            Session(engine, expire_on_commit=False) as session,
+            session.begin(),
+        ):
+            yield session
+
+    @contextmanager
+    def migration_connection(self) -> Iterator[Connection]:
+        """A connection in one write transaction, for schema changes.
+
+        On SQLite, foreign keys are off meanwhile: a batch migration recreates
+        a table, and dropping the old copy must not cascade to other tables.
+        """
+        with self._reported(), self._write_engine.connect() as connection:
+            sqlite = self.dialect == "sqlite"
+            raw: Any = connection.connection.driver_connection
+            if sqlite:
+                raw.execute("PRAGMA foreign_keys = OFF")
+            try:
+                with connection.begin():
+                    yield connection
+            finally:
+                if sqlite:
+                    raw.execute("PRAGMA foreign_keys = ON")
+
+    def close(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,144 @@
+"""The database schema: SQLAlchemy 2.0 typed models, one ``Base``.
+
+Every table is prefixed ``convo_`` (and Alembic's version table is
+``convo_alembic_version``) so convo can share a database with the
+application that uses it.
+
+Dialect differences are settled here, once:
+
+* ``UTCDateTime``: timezone-aware UTC datetimes everywhere (``timestamptz`` on
+  PostgreSQL, microsecond ``DATETIME(6)`` on MySQL/MariaDB, ISO text on SQLite).
+* ``BigID``: 64-bit keys, plain ``INTEGER`` on SQLite so that it is the rowid.
+* ``Document``: queryable ``JSONB`` on PostgreSQL for metadata.
+* ``Content``: message content as ``json`` (not ``JSONB``) on PostgreSQL, which
+  keeps the text exactly as written: key order is part of a prompt-cache prefix
+  and history must come back as it went in.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects import mysql, postgresql
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+NAMING_CONVENTION: Final = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+VERSION_TABLE: Final = "convo_alembic_version"
+TABLE_PREFIX: Final = "convo_"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """An aware UTC datetime on every database, whatever it stores natively."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(DateTime(timezone=True))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given where a UTC datetime is stored")
+        value = value.astimezone(UTC)
+        return value if dialect.name == "postgresql" else value.replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+BigID = BigInteger().with_variant(Integer(), "sqlite")
+Document = JSON().with_variant(postgresql.JSONB(), "postgresql")
+Content = JSON(none_as_null=True)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+_TABLE_OPTIONS: Final = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
+
+
+class ConversationRow(Base):
+    __tablename__ = "convo_conversations"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    user_id: Mapped[str | None] = mapped_column(String(255))
+    title: Mapped[str | None] = mapped_column(String(500))
+    model: Mapped[str | None] = mapped_column(String(100))
+    #: A string, or a list of text blocks (as the API's ``system`` parameter).
+    system: Mapped[Any | None] = mapped_column(Content)
+    token_budget: Mapped[int | None] = mapped_column(Integer)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", Document)
+    #: The seq of the newest message; 0 while there is none. Appends lock this row.
+    last_seq: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        # "A user's conversations, newest first": ids sort by creation time.
+        Index("ix_convo_conversations_user_id_id", "user_id", "id"),
+        _TABLE_OPTIONS,
+    )
+
+
+class MessageRow(Base):
+    __tablename__ = "convo_messages"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("convo_conversations.id", ondelete="CASCADE")
+    )
+    #: 1, 2, 3, ... within a conversation: unique and gap-free.
+    seq: Mapped[int] = mapped_column(Integer)
+    role: Mapped[str] = mapped_column(String(16))
+    #: Messages API content blocks.
+    content: Mapped[list[dict[str, Any]]] = mapped_column(Content)
+    #: Input tokens this turn adds to a request, by the store's counter.
+    token_count: Mapped[int] = mapped_column(Integer)
+    #: "complete", or "incomplete" (a cut-off reply), or "failed" (a user turn
+    #: whose API call failed).
+    status: Mapped[str] = mapped_column(String(16), default="complete")
+    model: Mapped[str | None] = mapped_column(String(100))
+    stop_reason: Mapped[str | None] = mapped_column(String(64))
+    #: The ``usage`` object of the API response, as reported.
+    usage: Mapped[dict[str, Any] | None] = mapped_column(Document)
+    request_id: Mapped[str | None] = mapped_column(String(128))
+    latency_ms: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        # Also the index behind "the newest K messages of a conversation".
+        UniqueConstraint("conversation_id", "seq"),
+        _TABLE_OPTIONS,
+    )

@@ -1,0 +1,81 @@
+"""Every error convo raises, in one hierarchy.
+
+Catch :class:`ConvoError` to handle them all. Bad input is also a
+:class:`ValueError` and a missing conversation is also a :class:`LookupError`,
+so code written against the built-in exceptions keeps working::
+
+    ConvoError
+    ├── ConversationNotFound          (LookupError)  no conversation has that id
+    ├── InvalidInput                  (ValueError)   bad argument; nothing was written
+    │   └── InvalidMessage                           bad role or content; names the field
+    └── DatabaseError                                the database cannot be used
+        ├── DatabaseUnavailable                      cannot connect (password masked)
+        ├── MissingDriver                            the URL's driver extra is missing
+        ├── NotAConvoDatabase                        not convo's; left untouched
+        └── SchemaOutOfDate                          run `convo db upgrade`
+
+Each error's message is complete on its own: the CLI prints it as it is.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConversationNotFound",
+    "ConvoError",
+    "DatabaseError",
+    "DatabaseUnavailable",
+    "InvalidInput",
+    "InvalidMessage",
+    "MissingDriver",
+    "NotAConvoDatabase",
+    "SchemaOutOfDate",
+]
+
+
+class ConvoError(Exception):
+    """Base class of every error raised by convo."""
+
+
+class ConversationNotFound(ConvoError, LookupError):
+    """No conversation with this id exists in the store."""
+
+    def __init__(self, conversation_id: str) -> None:
+        super().__init__(f"conversation not found: {conversation_id!r}")
+        self.conversation_id = conversation_id
+
+
+class InvalidInput(ConvoError, ValueError):
+    """An argument is not acceptable. Nothing was written."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class InvalidMessage(InvalidInput):
+    """A message's role or content is not a valid Messages API turn.
+
+    ``field`` is a path into the message, as the API names it, for example
+    ``content[2].tool_use_id``.
+    """
+
+
+class DatabaseError(ConvoError):
+    """The database cannot be used as it is."""
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The database server cannot be reached, or refused the connection."""
+
+
+class MissingDriver(DatabaseError):
+    """The database URL needs a driver package that is not installed."""
+
+
+class NotAConvoDatabase(DatabaseError):
+    """The database holds something other than convo's tables; it was not modified."""
+
+
+class SchemaOutOfDate(DatabaseError):
+    """The database schema is behind (or ahead of) this version of convo."""

@@ -1,0 +1,1 @@
+"""convo's Alembic migrations (installed as the ``convo.migrations`` package)."""

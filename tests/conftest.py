@@ -1,0 +1,113 @@
+"""Shared fixtures: isolated paths and environment, and the three databases.
+
+Server databases come from ``CONVO_TEST_POSTGRES_URL`` and
+``CONVO_TEST_MYSQL_URL`` (defaults: the local servers on 127.0.0.1). A server
+that cannot be reached makes its tests skip with the reason, unless
+``CONVO_TEST_REQUIRE_SERVERS=1`` (set by ``.ci/run``), which makes them fail.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from convo import ConversationStore
+from convo._database import resolve_url
+from convo._models import VERSION_TABLE, Base
+
+SERVER_URLS = {
+    "postgres": os.environ.get(
+        "CONVO_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+    ),
+    "mysql": os.environ.get("CONVO_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test"),
+}
+REQUIRE_SERVERS = os.environ.get("CONVO_TEST_REQUIRE_SERVERS") == "1"
+_reachable: dict[str, str | None] = {}
+
+
+def _server_problem(kind: str) -> str | None:
+    """None if the server answers, else why not."""
+    if kind not in _reachable:
+        engine = create_engine(resolve_url(SERVER_URLS[kind]))
+        try:
+            with engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            _reachable[kind] = None
+        except Exception as exc:
+            _reachable[kind] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        finally:
+            engine.dispose()
+    return _reachable[kind]
+
+
+def reset_server_database(url: str) -> None:
+    """Drop convo's tables (and only those) from a server database."""
+    engine = create_engine(resolve_url(url))
+    try:
+        with engine.begin() as connection:
+            Base.metadata.drop_all(connection)
+            connection.execute(text(f"DROP TABLE IF EXISTS {VERSION_TABLE}"))
+    finally:
+        engine.dispose()
+
+
+def server_url(kind: str) -> str:
+    """The URL of a reset server database, or skip (fail in CI) if it is absent."""
+    problem = _server_problem(kind)
+    if problem is not None:
+        message = f"{kind} server not reachable at {SERVER_URLS[kind]} ({problem})"
+        if REQUIRE_SERVERS:
+            pytest.fail(message + "; CONVO_TEST_REQUIRE_SERVERS=1 needs it")
+        pytest.skip(message + "; set CONVO_TEST_" + kind.upper() + "_URL to use another")
+    reset_server_database(SERVER_URLS[kind])
+    return SERVER_URLS[kind]
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No test touches the user's files, database or API key."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_DATA_HOME", str(home / ".local" / "share"))
+    for name in ("CONVO_DATABASE_URL", "CONVO_MODEL", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    return home
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("mysql", marks=pytest.mark.mysql),
+    ]
+)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A URL of an empty database, once per kind: SQLite file, PostgreSQL, MariaDB."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'convo.db'}"
+    return server_url(request.param)
+
+
+@pytest.fixture
+def migrated_url(database_url: str) -> str:
+    """A URL of a database at convo's newest schema."""
+    from convo import _migrations
+    from convo._database import Database
+
+    database = Database(resolve_url(database_url))
+    try:
+        _migrations.upgrade(database)
+    finally:
+        database.close()
+    return database_url
+
+
+@pytest.fixture
+def store(migrated_url: str) -> Iterator[ConversationStore]:
+    with ConversationStore(migrated_url) as opened:
+        yield opened
