@@ -69,8 +69,8 @@ def db() -> None:
     """
 
 
-def _database(db_url: str | None) -> Database:
-    return Database(resolve_url(db_url))
+def _database(db_url: str | None, *, allow_other_tables: bool = False) -> Database:
+    return Database(resolve_url(db_url), allow_other_tables=allow_other_tables)
 
 
 @db.command()
@@ -79,11 +79,14 @@ def _database(db_url: str | None) -> Database:
 def upgrade(revision: str, db_url: str | None) -> None:
     """Upgrade the schema to REVISION (default: the newest).
 
+    Creates convo's tables (all prefixed convo_) in an empty database, or
+    beside the tables of the application that shares it.
+
     \b
     Example:
       convo db upgrade --db postgresql://app@db.internal/app
     """
-    database = _database(db_url)
+    database = _database(db_url, allow_other_tables=True)
     try:
         _migrations.upgrade(database, revision)
         click.echo(f"{mask(database.url)} is at revision {_current(database)}")

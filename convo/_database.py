@@ -75,12 +75,13 @@ def sqlite_file(url: URL) -> Path | None:
     return Path(database)
 
 
-def inspect_sqlite_file(path: Path) -> bool:
+def inspect_sqlite_file(path: Path, *, allow_other_tables: bool = False) -> bool:
     """Check a SQLite file without changing it. True if it already has convo's schema.
 
     A file that does not exist or is empty is fine (False). A file that is not
-    a SQLite database, or holds tables of something other than convo, raises
-    :class:`NotAConvoDatabase`; it is opened read-only and left as it was.
+    a SQLite database raises :class:`NotAConvoDatabase`, and so does one that
+    holds tables of something other than convo unless ``allow_other_tables``;
+    it is opened read-only and left as it was.
     """
     if not path.exists() or path.stat().st_size == 0:
         return False
@@ -103,7 +104,7 @@ def inspect_sqlite_file(path: Path) -> bool:
     if VERSION_TABLE in names:
         return True
     foreign = sorted(name for name in names if not name.startswith(TABLE_PREFIX))
-    if foreign:
+    if foreign and not allow_other_tables:
         raise NotAConvoDatabase(
             f"{path} is not a convo database (it has tables {', '.join(foreign[:5])}); it was "
             "left untouched. Add convo's tables to it on purpose with "
@@ -172,8 +173,13 @@ def unavailable(url: URL, exc: BaseException) -> DatabaseUnavailable:
 class Database:
     """An engine and the transactions over it. One per store; safe across threads."""
 
-    def __init__(self, url: URL, *, echo: bool = False) -> None:
+    def __init__(self, url: URL, *, echo: bool = False, allow_other_tables: bool = False) -> None:
+        """Open ``url``. A SQLite file is checked read-only first (see
+        :func:`inspect_sqlite_file`), so one that is not convo's stays untouched."""
         self.url = url
+        path = sqlite_file(url)
+        if path is not None:
+            inspect_sqlite_file(path, allow_other_tables=allow_other_tables)
         self.engine = make_engine(url, echo=echo)
         self._write_engine = self.engine.execution_options(convo_write=True)
 

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from . import _migrations
 from ._content import normalize_content, validate_role
-from ._database import Database, inspect_sqlite_file, mask, resolve_url, sqlite_file
+from ._database import Database, mask, resolve_url
 from ._ids import is_conversation_id, new_conversation_id
 from ._message import Message, Status
 from ._models import ConversationRow, MessageRow, utcnow
@@ -140,9 +140,6 @@ class ConversationStore:
         self.token_counter: TokenCounter = token_counter or TiktokenCounter()
         self.model: str | None = model or os.environ.get(ENV_MODEL) or None
         self.token_budget = _check_budget(token_budget)
-        path = sqlite_file(self._url)
-        if path is not None:
-            inspect_sqlite_file(path)  # refuses a file that is not convo's, untouched
         self._db = Database(self._url, echo=echo)
         try:
             self._ensure_schema()
