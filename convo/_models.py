@@ -10,6 +10,7 @@ Dialect differences are settled here, once:
   PostgreSQL, microsecond ``DATETIME(6)`` on MySQL/MariaDB, ISO text on SQLite).
 * ``BigID``: 64-bit keys, plain ``INTEGER`` on SQLite so that it is the rowid.
 * ``Document``: queryable ``JSONB`` on PostgreSQL for metadata.
+* ``LongText``: ``LONGTEXT`` on MySQL/MariaDB, whose ``TEXT`` holds only 64 KiB.
 * ``Content``: message content as ``json`` (not ``JSONB``) on PostgreSQL, which
   keeps the text exactly as written: key order is part of a prompt-cache prefix
   and history must come back as it went in.
@@ -24,11 +25,13 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
     MetaData,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.dialects import mysql, postgresql
@@ -74,8 +77,10 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 BigID = BigInteger().with_variant(Integer(), "sqlite")
-Document = JSON().with_variant(postgresql.JSONB(), "postgresql")
+Document = JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
 Content = JSON(none_as_null=True)
+#: Long text: MySQL's TEXT stops at 64 KiB.
+LongText = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
 
 
 def utcnow() -> datetime:
@@ -102,6 +107,8 @@ class ConversationRow(Base):
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", Document)
     #: The seq of the newest message; 0 while there is none. Appends lock this row.
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
+    #: Turns up to this seq are archived (and summarized); the live window follows.
+    archived_through_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
@@ -122,8 +129,9 @@ class MessageRow(Base):
     #: 1, 2, 3, ... within a conversation: unique and gap-free.
     seq: Mapped[int] = mapped_column(Integer)
     role: Mapped[str] = mapped_column(String(16))
-    #: Messages API content blocks.
-    content: Mapped[list[dict[str, Any]]] = mapped_column(Content)
+    #: Messages API content blocks; NULL once the turn is archived (its content
+    #: is then in the archive block that covers its seq).
+    content: Mapped[list[dict[str, Any]] | None] = mapped_column(Content)
     #: Input tokens this turn adds to a request, by the store's counter.
     token_count: Mapped[int] = mapped_column(Integer)
     #: "complete", or "incomplete" (a cut-off reply), or "failed" (a user turn
@@ -142,3 +150,59 @@ class MessageRow(Base):
         UniqueConstraint("conversation_id", "seq"),
         _TABLE_OPTIONS,
     )
+
+
+class ArchiveBlockRow(Base):
+    """Consecutive archived turns, zlib-compressed and base64-encoded, with a checksum."""
+
+    __tablename__ = "convo_archive_blocks"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("convo_conversations.id", ondelete="CASCADE")
+    )
+    first_seq: Mapped[int] = mapped_column(Integer)
+    last_seq: Mapped[int] = mapped_column(Integer)
+    #: base64(zlib(JSON of the turns)).
+    payload: Mapped[str] = mapped_column(LongText)
+    #: SHA-256 (hex) of the JSON before compression.
+    checksum: Mapped[str] = mapped_column(String(64))
+    #: Size of the JSON before compression, in bytes.
+    raw_bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (UniqueConstraint("conversation_id", "first_seq"), _TABLE_OPTIONS)
+
+
+class SummaryRow(Base):
+    """A rolling summary of a conversation's turns 1..through_seq."""
+
+    __tablename__ = "convo_summaries"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("convo_conversations.id", ondelete="CASCADE")
+    )
+    through_seq: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(LongText)
+    token_count: Mapped[int] = mapped_column(Integer)
+    #: "claude", "extractive" or "custom".
+    summarizer: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str | None] = mapped_column(String(100))
+    usage: Mapped[dict[str, Any] | None] = mapped_column(Document)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (UniqueConstraint("conversation_id", "through_seq"), _TABLE_OPTIONS)
+
+
+class CalibrationRow(Base):
+    """The token-count correction factor of one model, learned from API usage."""
+
+    __tablename__ = "convo_calibration"
+
+    model: Mapped[str] = mapped_column(String(100), primary_key=True)
+    factor: Mapped[float] = mapped_column(Float)
+    samples: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (_TABLE_OPTIONS,)

@@ -1,47 +1,65 @@
-"""``ConversationStore`` and ``Conversation``: conversations and their turns in SQL.
+"""``ConversationStore``: conversations, turns, archive blocks and summaries in SQL.
+
+This is the database edge of convo: it reads what the context engine
+(``_window``, ``_budget``) needs and writes what it decides.
 
 Appending a turn locks the conversation's row (``SELECT ... FOR UPDATE`` on
 PostgreSQL and MySQL, the write lock on SQLite), numbers the turn
 ``last_seq + 1`` and commits both in one transaction: any number of threads,
 processes and hosts can append to one conversation and every turn is stored
-once, numbered without gaps.
+once, numbered without gaps. Compaction takes the same lock to move turns
+into an archive block, so it never races an append.
 """
 
 from __future__ import annotations
 
 import builtins
+import functools
+import json
+import logging
 import os
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Final
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import URL, delete, select
+from sqlalchemy import URL, delete, select, update
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
-from . import _migrations
-from ._content import normalize_content, validate_role
+from . import _archive, _migrations
+from ._budget import Calibration
+from ._content import Block, normalize_content, validate_role
 from ._database import Database, mask, resolve_url
 from ._ids import is_conversation_id, new_conversation_id
 from ._message import Message, Status
-from ._models import ConversationRow, MessageRow, utcnow
+from ._models import (
+    ArchiveBlockRow,
+    CalibrationRow,
+    ConversationRow,
+    MessageRow,
+    SummaryRow,
+    utcnow,
+)
+from ._summarizer import ClaudeSummarizer, Summarizer, SummaryResult, SummaryTurn
 from ._tokens import TiktokenCounter, TokenCounter, count_turn
-from .errors import ConversationNotFound, InvalidInput
+from ._window import LiveTurn, SummaryPart, summary_block
+from .errors import ConversationNotFound, InvalidInput, MissingAPIKey
 
-__all__ = ["Conversation", "ConversationStore"]
+if TYPE_CHECKING:
+    from ._conversation import Conversation
+
+__all__ = ["ConversationStore"]
+
+logger = logging.getLogger("convo")
 
 ENV_MODEL: Final = "CONVO_MODEL"
+#: A current, non-deprecated model from the SDK's list.
+DEFAULT_MODEL: Final = "claude-sonnet-5-5"
 DEFAULT_LIST_LIMIT: Final = 50
+#: After a compaction the live turns use at most this share of the budget.
+DEFAULT_LOW_WATER: Final = 0.55
 #: Rows fetched per round trip when reading a long history.
 HISTORY_BATCH: Final = 1_000
-
-
-class _Unset:
-    def __repr__(self) -> str:
-        return "UNSET"
-
-
-UNSET: Final = _Unset()
 
 
 def _check_system(system: object) -> Any:
@@ -54,12 +72,12 @@ def _check_system(system: object) -> Any:
     raise InvalidInput("system", "must be a string or a list of text blocks")
 
 
-def _check_budget(token_budget: object) -> int | None:
-    if token_budget is None:
+def _check_positive(field: str, value: object) -> int | None:
+    if value is None:
         return None
-    if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget <= 0:
-        raise InvalidInput("token_budget", f"must be a positive integer, not {token_budget!r}")
-    return token_budget
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidInput(field, f"must be a positive integer, not {value!r}")
+    return value
 
 
 def _check_metadata(metadata: object) -> dict[str, Any]:
@@ -67,12 +85,13 @@ def _check_metadata(metadata: object) -> dict[str, Any]:
         return {}
     if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
         raise InvalidInput("metadata", "must be a dict with string keys")
-    import json
-
     try:
-        copied: dict[str, Any] = json.loads(json.dumps(dict(metadata), allow_nan=False))
+        encoded = json.dumps(dict(metadata), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidInput("metadata", f"is not JSON-serialisable: {exc}") from None
+    if "\\u0000" in encoded:  # PostgreSQL's JSONB cannot hold it
+        raise InvalidInput("metadata", "must not contain NUL characters")
+    copied: dict[str, Any] = json.loads(encoded)
     return copied
 
 
@@ -83,15 +102,17 @@ def _check_text(field: str, value: object, max_length: int) -> str | None:
         raise InvalidInput(field, f"must be a string, not {type(value).__name__}")
     if len(value) > max_length:
         raise InvalidInput(field, f"must be at most {max_length} characters")
+    if "\x00" in value:
+        raise InvalidInput(field, "must not contain NUL characters")
     return value
 
 
-def _message(row: MessageRow) -> Message:
+def _message(row: MessageRow, content: list[Block]) -> Message:
     return Message(
         conversation_id=row.conversation_id,
         seq=row.seq,
         role=validate_role(row.role),
-        content=row.content,
+        content=content,
         token_count=row.token_count,
         created_at=row.created_at,
         status=row.status,  # type: ignore[arg-type]
@@ -104,11 +125,11 @@ def _message(row: MessageRow) -> Message:
 
 
 @dataclass(frozen=True, slots=True)
-class _Turn:
+class Turn:
     """A turn checked and counted, ready to be appended."""
 
     role: str
-    content: list[dict[str, Any]]
+    content: list[Block]
     token_count: int
     status: Status = "complete"
     model: str | None = None
@@ -118,6 +139,27 @@ class _Turn:
     latency_ms: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class LiveState:
+    """One consistent read of what the context engine needs."""
+
+    row: ConversationRow
+    summary: SummaryPart | None
+    turns: list[LiveTurn]
+
+
+@dataclass(frozen=True, slots=True)
+class Compaction:
+    """What one compaction did."""
+
+    first_seq: int
+    last_seq: int
+    summary: str
+    summarizer: str
+    raw_bytes: int
+    stored_bytes: int
+
+
 class ConversationStore:
     """Conversations and their turns, persisted in a SQL database.
 
@@ -125,21 +167,45 @@ class ConversationStore:
     then a SQLite file in the user data directory. A SQLite database is
     created or upgraded on first use; a server database must be upgraded with
     ``convo db upgrade`` (the store says so if it is behind).
+
+    Options (all keyword-only):
+
+    * ``client``: an ``anthropic.Anthropic`` client; by default one is made on
+      first use with the SDK's own settings (``ANTHROPIC_API_KEY``, ...).
+    * ``model``: default model of new conversations (else ``CONVO_MODEL``,
+      else ``claude-sonnet-5-5``).
+    * ``token_budget``: default input-token budget per request.
+    * ``summarizer``: makes the rolling summaries (default: Claude, through
+      ``client``); ``summarizer_fallback`` is used if it fails (default: none,
+      the turns stay live and the failure is logged or raised).
+    * ``low_water``: share of the budget the live turns may use after a
+      compaction (default 0.55).
+    * ``token_counter``: anything with ``count(text) -> int`` (default cl100k).
     """
 
     def __init__(
         self,
         url: str | URL | None = None,
         *,
-        token_counter: TokenCounter | None = None,
+        client: Any = None,
         model: str | None = None,
         token_budget: int | None = None,
+        summarizer: Summarizer | None = None,
+        summarizer_fallback: Summarizer | None = None,
+        low_water: float = DEFAULT_LOW_WATER,
+        token_counter: TokenCounter | None = None,
         echo: bool = False,
     ) -> None:
         self._url = resolve_url(url)
+        self._client = client
+        self.model: str = model or os.environ.get(ENV_MODEL) or DEFAULT_MODEL
+        self.token_budget = _check_positive("token_budget", token_budget)
+        if not 0.05 <= low_water <= 0.95:
+            raise InvalidInput("low_water", f"must be between 0.05 and 0.95, not {low_water!r}")
+        self.low_water = low_water
+        self._summarizer = summarizer
+        self.summarizer_fallback = summarizer_fallback
         self.token_counter: TokenCounter = token_counter or TiktokenCounter()
-        self.model: str | None = model or os.environ.get(ENV_MODEL) or None
-        self.token_budget = _check_budget(token_budget)
         self._db = Database(self._url, echo=echo)
         try:
             self._ensure_schema()
@@ -171,6 +237,27 @@ class ConversationStore:
     def database(self) -> Database:
         return self._db
 
+    @property
+    def client(self) -> Any:
+        """The ``anthropic`` client: the one given, else one made with the SDK's defaults."""
+        if self._client is None:
+            import anthropic
+
+            client = anthropic.Anthropic()
+            if not (client.api_key or client.auth_token or getattr(client, "credentials", None)):
+                raise MissingAPIKey(
+                    "no Anthropic API key: set ANTHROPIC_API_KEY (or pass client= to "
+                    "ConversationStore)"
+                )
+            self._client = client
+        return self._client
+
+    @property
+    def summarizer(self) -> Summarizer:
+        if self._summarizer is None:
+            self._summarizer = ClaudeSummarizer(lambda: self.client)
+        return self._summarizer
+
     def close(self) -> None:
         """Release the store's database connections."""
         self._db.close()
@@ -195,6 +282,8 @@ class ConversationStore:
         metadata: Mapping[str, Any] | None = None,
     ) -> Conversation:
         """Start a conversation and return it. Nothing is sent to the API."""
+        from ._conversation import Conversation
+
         now = utcnow()
         row = ConversationRow(
             id=new_conversation_id(),
@@ -202,9 +291,10 @@ class ConversationStore:
             title=_check_text("title", title, 500),
             model=_check_text("model", model, 100),
             system=_check_system(system),
-            token_budget=_check_budget(token_budget),
+            token_budget=_check_positive("token_budget", token_budget),
             metadata_=_check_metadata(metadata),
             last_seq=0,
+            archived_through_seq=0,
             created_at=now,
             updated_at=now,
         )
@@ -214,6 +304,8 @@ class ConversationStore:
 
     def get(self, conversation_id: str) -> Conversation:
         """The conversation with this id; :class:`ConversationNotFound` if there is none."""
+        from ._conversation import Conversation
+
         with self._db.transaction() as session:
             return Conversation(self, self._row(session, conversation_id))
 
@@ -229,8 +321,9 @@ class ConversationStore:
         ``before`` is a conversation id: pass the last id of a page to get the
         next one.
         """
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
-            raise InvalidInput("limit", f"must be a positive integer, not {limit!r}")
+        from ._conversation import Conversation
+
+        _check_positive("limit", limit)
         query = select(ConversationRow).order_by(ConversationRow.id.desc()).limit(limit)
         if user_id is not None:
             query = query.where(ConversationRow.user_id == user_id)
@@ -240,13 +333,14 @@ class ConversationStore:
             return [Conversation(self, row) for row in session.scalars(query)]
 
     def delete(self, conversation_id: str) -> None:
-        """Delete a conversation and all its turns."""
+        """Delete a conversation with all its turns, archive blocks and summaries."""
         with self._db.transaction(write=True) as session:
             self._row(session, conversation_id, lock=True)
-            session.execute(delete(MessageRow).where(MessageRow.conversation_id == conversation_id))
+            for table in (MessageRow, ArchiveBlockRow, SummaryRow):
+                session.execute(delete(table).where(table.conversation_id == conversation_id))
             session.execute(delete(ConversationRow).where(ConversationRow.id == conversation_id))
 
-    # -- used by Conversation ------------------------------------------------
+    # -- turns ---------------------------------------------------------------
 
     @staticmethod
     def _row(session: Session, conversation_id: str, *, lock: bool = False) -> ConversationRow:
@@ -260,12 +354,23 @@ class ConversationStore:
             raise ConversationNotFound(conversation_id)
         return row
 
-    def _turn(self, role: object, content: object, **fields: Any) -> _Turn:
+    def count(self, blocks: Sequence[Block]) -> int:
+        """Raw tokens one turn with these blocks adds to a request."""
+        return count_turn(self.token_counter, blocks)
+
+    @functools.lru_cache(maxsize=256)  # noqa: B019 - the store lives as long as its cache
+    def count_text(self, text: str) -> int:
+        """Raw tokens of a text (system prompts and summaries; cached)."""
+        return self.token_counter.count(text)
+
+    def make_turn(self, role: object, content: object, **fields: Any) -> Turn:
+        """Check and count a turn; :class:`InvalidMessage` names what is wrong."""
         checked_role = validate_role(role)
         blocks = normalize_content(content)
-        return _Turn(checked_role, blocks, count_turn(self.token_counter, blocks), **fields)
+        return Turn(checked_role, blocks, self.count(blocks), **fields)
 
-    def _append(self, conversation_id: str, turn: _Turn) -> tuple[Message, ConversationRow]:
+    def append(self, conversation_id: str, turn: Turn) -> tuple[Message, ConversationRow]:
+        """Append ``turn`` as the conversation's next seq, atomically."""
         with self._db.transaction(write=True) as session:
             conversation = self._row(session, conversation_id, lock=True)
             now = utcnow()
@@ -287,21 +392,220 @@ class ConversationStore:
             )
             session.add(row)
             session.flush()
-            return _message(row), conversation
+            return _message(row, turn.content), conversation
 
-    def _history(self, conversation_id: str, *, since_seq: int = 0) -> Iterator[Message]:
-        query = (
-            select(MessageRow)
-            .where(MessageRow.conversation_id == conversation_id, MessageRow.seq > since_seq)
-            .order_by(MessageRow.seq)
-            .execution_options(yield_per=HISTORY_BATCH)
-        )
+    def set_status(self, conversation_id: str, seq: int, status: Status) -> None:
+        with self._db.transaction(write=True) as session:
+            session.execute(
+                update(MessageRow)
+                .where(MessageRow.conversation_id == conversation_id, MessageRow.seq == seq)
+                .values(status=status)
+            )
+
+    def history(self, conversation_id: str) -> Iterator[Message]:
+        """Every turn in order, archived ones read back from their blocks."""
         with self._db.transaction() as session:
             self._row(session, conversation_id)
-            for row in session.scalars(query):
-                yield _message(row)
+        after = 0
+        while True:
+            with self._db.transaction() as session:
+                rows = session.scalars(
+                    select(MessageRow)
+                    .where(MessageRow.conversation_id == conversation_id, MessageRow.seq > after)
+                    .order_by(MessageRow.seq)
+                    .limit(HISTORY_BATCH)
+                ).all()
+                archived = self._archived_content(session, conversation_id, rows)
+            if not rows:
+                return
+            for row in rows:
+                content = row.content if row.content is not None else archived[row.seq]
+                yield _message(row, content)
+            after = rows[-1].seq
 
-    def _update(self, conversation_id: str, changes: dict[str, Any]) -> ConversationRow:
+    def _archived_content(
+        self, session: Session, conversation_id: str, rows: Sequence[MessageRow]
+    ) -> dict[int, builtins.list[Block]]:
+        """The content of the archived rows among ``rows``, by seq, from their blocks."""
+        missing = [row for row in rows if row.content is None]
+        if not missing:
+            return {}
+        blocks = session.scalars(
+            select(ArchiveBlockRow)
+            .where(
+                ArchiveBlockRow.conversation_id == conversation_id,
+                ArchiveBlockRow.last_seq >= missing[0].seq,
+                ArchiveBlockRow.first_seq <= missing[-1].seq,
+            )
+            .order_by(ArchiveBlockRow.first_seq)
+        ).all()
+        content: dict[int, builtins.list[Block]] = {}
+        roles: dict[int, str] = {}
+        for block in blocks:
+            for turn in _archive.unpack(
+                conversation_id, block.first_seq, block.last_seq, block.payload, block.checksum
+            ):
+                content[turn.seq] = turn.content
+                roles[turn.seq] = turn.role
+        for row in missing:
+            if row.seq not in content or roles[row.seq] != row.role:
+                from .errors import ArchiveCorrupted
+
+                raise ArchiveCorrupted(
+                    conversation_id, row.seq, row.seq, "no archive block holds this turn"
+                )
+        return content
+
+    # -- the live window -------------------------------------------------------
+
+    def live_state(self, conversation_id: str) -> LiveState:
+        """The conversation, its latest summary and its live turns, read together."""
+        with self._db.transaction() as session:
+            row = self._row(session, conversation_id)
+            summary_row = session.scalars(
+                select(SummaryRow)
+                .where(
+                    SummaryRow.conversation_id == conversation_id,
+                    SummaryRow.through_seq == row.archived_through_seq,
+                )
+                .limit(1)
+            ).one_or_none()
+            rows = session.scalars(
+                select(MessageRow)
+                .where(
+                    MessageRow.conversation_id == conversation_id,
+                    MessageRow.seq > row.archived_through_seq,
+                )
+                .order_by(MessageRow.seq)
+            ).all()
+        summary = None
+        if summary_row is not None:
+            summary = SummaryPart(summary_row.text, summary_row.through_seq, 0)
+            tokens = self.count_text(summary_block(summary)["text"])
+            summary = SummaryPart(summary_row.text, summary_row.through_seq, tokens)
+        turns = [
+            LiveTurn(r.seq, r.role, r.content or [], r.token_count, r.status, r.model) for r in rows
+        ]
+        return LiveState(row, summary, turns)
+
+    def compact(self, state: LiveState, archive_count: int) -> Compaction | None:
+        """Archive the first ``archive_count`` live turns and store a new summary.
+
+        The summarizer runs outside any transaction. The archive is written in
+        one transaction under the conversation's lock, from the rows as they
+        are then, and only if nobody compacted meanwhile (else None). If the
+        summarizer fails, :class:`SummarizerFailed` is raised (after trying
+        ``summarizer_fallback``) and nothing changes.
+        """
+        from .errors import SummarizerFailed
+
+        turns = state.turns[:archive_count]
+        if not turns:
+            return None
+        previous = state.summary.text if state.summary else None
+        handed = [SummaryTurn(t.seq, t.role, t.content) for t in turns]
+        result: SummaryResult | None = None
+        failures = []
+        for summarizer in (self.summarizer, self.summarizer_fallback):
+            if summarizer is None:
+                continue
+            try:
+                made = summarizer.summarize(previous, handed)
+            except Exception as exc:
+                failures.append(f"{type(summarizer).__name__}: {type(exc).__name__}: {exc}")
+                logger.warning(
+                    "summarizer %s failed for %s: %s",
+                    type(summarizer).__name__,
+                    state.row.id,
+                    exc,
+                    extra={"conversation_id": state.row.id},
+                )
+                continue
+            result = made if isinstance(made, SummaryResult) else SummaryResult(str(made))
+            # A summary is derived text, not history: NULs (which PostgreSQL's
+            # text cannot hold) may go.
+            result = replace(result, text=result.text.replace("\x00", "\ufffd"))
+            if result.text.strip():
+                break
+            failures.append(f"{type(summarizer).__name__}: returned an empty summary")
+            result = None
+        if result is None:
+            raise SummarizerFailed(
+                f"could not summarize turns {turns[0].seq}-{turns[-1].seq} of {state.row.id}; "
+                f"they stay live ({'; '.join(failures)})"
+            )
+        return self._write_archive(state, turns[0].seq, turns[-1].seq, result)
+
+    def _write_archive(
+        self, state: LiveState, first_seq: int, last_seq: int, result: SummaryResult
+    ) -> Compaction | None:
+        conversation_id = state.row.id
+        summary_tokens = self.count_text(
+            summary_block(SummaryPart(result.text, last_seq, 0))["text"]
+        )
+        with self._db.transaction(write=True) as session:
+            row = self._row(session, conversation_id, lock=True)
+            if row.archived_through_seq != state.row.archived_through_seq:
+                return None  # another process compacted first; its summary stands
+            in_range = (
+                MessageRow.conversation_id == conversation_id,
+                MessageRow.seq.between(first_seq, last_seq),
+            )
+            rows = session.scalars(
+                select(MessageRow).where(*in_range).order_by(MessageRow.seq)
+            ).all()
+            turns = [_archive.ArchivedTurn(r.seq, r.role, r.content or []) for r in rows]
+            packed = _archive.pack(turns)
+            # Prove the block reads back to exactly these turns before the rows let go.
+            unpacked = _archive.unpack(
+                conversation_id, packed.first_seq, packed.last_seq, packed.payload, packed.checksum
+            )
+            if unpacked != turns:
+                raise AssertionError("archive block does not read back to its turns")
+            now = utcnow()
+            session.add(
+                ArchiveBlockRow(
+                    conversation_id=conversation_id,
+                    first_seq=packed.first_seq,
+                    last_seq=packed.last_seq,
+                    payload=packed.payload,
+                    checksum=packed.checksum,
+                    raw_bytes=packed.raw_bytes,
+                    created_at=now,
+                )
+            )
+            session.add(
+                SummaryRow(
+                    conversation_id=conversation_id,
+                    through_seq=last_seq,
+                    text=result.text,
+                    token_count=summary_tokens,
+                    summarizer=result.summarizer,
+                    model=result.model,
+                    usage=result.usage,
+                    created_at=now,
+                )
+            )
+            session.execute(update(MessageRow).where(*in_range).values(content=None))
+            row.archived_through_seq = last_seq
+        logger.info(
+            "compacted turns %d-%d of %s (%s summary)",
+            first_seq,
+            last_seq,
+            conversation_id,
+            result.summarizer,
+            extra={"conversation_id": conversation_id},
+        )
+        return Compaction(
+            first_seq,
+            last_seq,
+            result.text,
+            result.summarizer,
+            packed.raw_bytes,
+            len(packed.payload),
+        )
+
+    def update_conversation(self, conversation_id: str, changes: dict[str, Any]) -> ConversationRow:
         with self._db.transaction(write=True) as session:
             row = self._row(session, conversation_id, lock=True)
             for key, value in changes.items():
@@ -309,86 +613,45 @@ class ConversationStore:
             row.updated_at = utcnow()
             return row
 
+    # -- calibration -------------------------------------------------------------
 
-class Conversation:
-    """A stored conversation. Get one with ``store.create()`` or ``store.get(id)``.
+    def calibration(self, model: str) -> Calibration:
+        """The token-count correction of ``model``, as learned so far."""
+        with self._db.transaction() as session:
+            row = session.get(CalibrationRow, model)
+            return Calibration(row.factor, row.samples) if row else Calibration()
 
-    Its attributes are a snapshot taken when it was loaded (``refresh()``
-    reloads them); its turns are always read from the database, so another
-    process may append to the same conversation at the same time.
-    """
-
-    def __init__(self, store: ConversationStore, row: ConversationRow) -> None:
-        self.store = store
-        self._load(row)
-
-    def _load(self, row: ConversationRow) -> None:
-        self.id: str = row.id
-        self.user_id: str | None = row.user_id
-        self.title: str | None = row.title
-        self.model: str | None = row.model
-        self.system: str | list[dict[str, Any]] | None = row.system
-        self.token_budget: int | None = row.token_budget
-        self.metadata: dict[str, Any] = dict(row.metadata_ or {})
-        self.created_at: datetime = row.created_at
-        self.updated_at: datetime = row.updated_at
-        self.message_count: int = row.last_seq
-
-    def __repr__(self) -> str:
-        return f"<Conversation {self.id} messages={self.message_count} title={self.title!r}>"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Conversation) and other.id == self.id
-
-    def __hash__(self) -> int:
-        return hash(self.id)
-
-    def refresh(self) -> Conversation:
-        """Reload the attributes from the database."""
-        with self.store.database.transaction() as session:
-            self._load(self.store._row(session, self.id))
-        return self
-
-    def add(self, role: str, content: str | list[Any]) -> Message:
-        """Append a turn without calling the API and return it as stored.
-
-        ``content`` is a string or a list of Messages API content blocks (dicts
-        or SDK objects). Raises :class:`InvalidMessage` naming the bad field;
-        nothing is written then.
-        """
-        message, row = self.store._append(self.id, self.store._turn(role, content))
-        self._load(row)
-        return message
-
-    def history(self) -> list[Message]:
-        """Every turn of the conversation, in order."""
-        return list(self.store._history(self.id))
-
-    def iter_history(self) -> Iterator[Message]:
-        """Every turn, in order, read in batches: for very long conversations."""
-        return self.store._history(self.id)
-
-    def update(
-        self,
-        *,
-        title: str | _Unset | None = UNSET,
-        metadata: Mapping[str, Any] | _Unset | None = UNSET,
-        model: str | _Unset | None = UNSET,
-        system: str | list[dict[str, Any]] | _Unset | None = UNSET,
-        token_budget: int | _Unset | None = UNSET,
-    ) -> Conversation:
-        """Change the given attributes (``metadata`` is replaced whole)."""
-        changes: dict[str, Any] = {}
-        if not isinstance(title, _Unset):
-            changes["title"] = _check_text("title", title, 500)
-        if not isinstance(metadata, _Unset):
-            changes["metadata_"] = _check_metadata(metadata)
-        if not isinstance(model, _Unset):
-            changes["model"] = _check_text("model", model, 100)
-        if not isinstance(system, _Unset):
-            changes["system"] = _check_system(system)
-        if not isinstance(token_budget, _Unset):
-            changes["token_budget"] = _check_budget(token_budget)
-        if changes:
-            self._load(self.store._update(self.id, changes))
-        return self
+    def observe_usage(self, model: str, raw_tokens: int, actual_tokens: int) -> Calibration:
+        """Fold one request's reported input size into ``model``'s calibration."""
+        for _ in range(3):
+            try:
+                with self._db.transaction(write=True) as session:
+                    row = session.scalars(
+                        select(CalibrationRow)
+                        .where(CalibrationRow.model == model)
+                        .with_for_update()
+                        .execution_options(populate_existing=True)
+                    ).one_or_none()
+                    before = Calibration(row.factor, row.samples) if row else Calibration()
+                    after = before.observe(raw_tokens, actual_tokens)
+                    if after is before:
+                        return before
+                    if row is None:
+                        session.add(
+                            CalibrationRow(
+                                model=model,
+                                factor=after.factor,
+                                samples=after.samples,
+                                updated_at=utcnow(),
+                            )
+                        )
+                    else:
+                        row.factor, row.samples, row.updated_at = (
+                            after.factor,
+                            after.samples,
+                            utcnow(),
+                        )
+                    return after
+            except sa_exc.IntegrityError:
+                continue  # another process inserted the first row: read it and fold again
+        return self.calibration(model)

@@ -7,7 +7,12 @@ so code written against the built-in exceptions keeps working::
     ConvoError
     ├── ConversationNotFound          (LookupError)  no conversation has that id
     ├── InvalidInput                  (ValueError)   bad argument; nothing was written
-    │   └── InvalidMessage                           bad role or content; names the field
+    │   ├── InvalidMessage                           bad role or content; names the field
+    │   └── MessageTooLarge                          a turn cannot fit the budget even alone
+    ├── ContextTooLarge                              the newest exchange alone is over budget
+    ├── ArchiveCorrupted                             an archive block fails its checksum
+    ├── SummarizerFailed                             the summary could not be made; turns stay live
+    ├── MissingAPIKey                                no key for the client convo makes
     └── DatabaseError                                the database cannot be used
         ├── DatabaseUnavailable                      cannot connect (password masked)
         ├── MissingDriver                            the URL's driver extra is missing
@@ -20,15 +25,20 @@ Each error's message is complete on its own: the CLI prints it as it is.
 from __future__ import annotations
 
 __all__ = [
+    "ArchiveCorrupted",
+    "ContextTooLarge",
     "ConversationNotFound",
     "ConvoError",
     "DatabaseError",
     "DatabaseUnavailable",
     "InvalidInput",
     "InvalidMessage",
+    "MessageTooLarge",
+    "MissingAPIKey",
     "MissingDriver",
     "NotAConvoDatabase",
     "SchemaOutOfDate",
+    "SummarizerFailed",
 ]
 
 
@@ -59,6 +69,41 @@ class InvalidMessage(InvalidInput):
     ``field`` is a path into the message, as the API names it, for example
     ``content[2].tool_use_id``.
     """
+
+
+class MessageTooLarge(InvalidInput):
+    """A single turn is larger than the token budget allows for a whole request."""
+
+
+class ContextTooLarge(ConvoError):
+    """Even the newest exchange alone (a tool loop, say) is over the token budget.
+
+    Raised before any API call.
+    """
+
+
+class ArchiveCorrupted(ConvoError):
+    """An archive block cannot be decoded or fails its checksum.
+
+    Raised instead of returning a history with turns missing.
+    """
+
+    def __init__(self, conversation_id: str, first_seq: int, last_seq: int, problem: str) -> None:
+        super().__init__(
+            f"archive block of conversation {conversation_id} (turns {first_seq}-{last_seq}) "
+            f"is corrupted: {problem}"
+        )
+        self.conversation_id = conversation_id
+        self.first_seq = first_seq
+        self.last_seq = last_seq
+
+
+class SummarizerFailed(ConvoError):
+    """Summarising turns for compaction failed. No turn was archived or lost."""
+
+
+class MissingAPIKey(ConvoError):
+    """convo needs to call the API but no key is configured (``ANTHROPIC_API_KEY``)."""
 
 
 class DatabaseError(ConvoError):

@@ -12,12 +12,15 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import anthropic
 import pytest
 from sqlalchemy import create_engine, text
 
 from convo import ConversationStore
 from convo._database import resolve_url
 from convo._models import VERSION_TABLE, Base
+from convo._summarizer import SUMMARIZER_SYSTEM
+from tests.fakeapi import FakeMessagesAPI, Reply
 
 SERVER_URLS = {
     "postgres": os.environ.get(
@@ -111,3 +114,35 @@ def migrated_url(database_url: str) -> str:
 def store(migrated_url: str) -> Iterator[ConversationStore]:
     with ConversationStore(migrated_url) as opened:
         yield opened
+
+
+def summarizing_reply(body: dict[str, object]) -> Reply:
+    """The fake's replies: a short summary for summarizer requests, else an echo."""
+    messages = body["messages"]
+    assert isinstance(messages, list)
+    last = messages[-1]["content"]
+    last_text = (
+        last
+        if isinstance(last, str)
+        else " ".join(b.get("text", "") for b in last if isinstance(b, dict))
+    )
+    if body.get("system") == SUMMARIZER_SYSTEM:
+        turns = last_text.count("(turn ")
+        return Reply(text=f"Summary of {turns} more turns: they discussed things.")
+    return Reply(text="echo: " + last_text[-200:].strip())
+
+
+@pytest.fixture
+def fake_api() -> Iterator[FakeMessagesAPI]:
+    """A fake Messages API on 127.0.0.1 whose tokenizer is cl100k x 1.2."""
+    with FakeMessagesAPI(reply=summarizing_reply) as fake:
+        yield fake
+
+
+@pytest.fixture
+def api_client(fake_api: FakeMessagesAPI) -> Iterator[anthropic.Anthropic]:
+    """The real SDK client, pointed at the fake."""
+    with anthropic.Anthropic(
+        base_url=fake_api.base_url, api_key="test-key", max_retries=2
+    ) as client:
+        yield client

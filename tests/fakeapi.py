@@ -708,6 +708,16 @@ class FakeMessagesAPI:
         with self._lock:
             self._requests.clear()
 
+    def check_request(self, body: JSONDict) -> None:
+        """Validate a request body as the server would, without sending it.
+
+        Raises ``ValueError`` with the message the server would answer with.
+        """
+        try:
+            self._validate(body, count_only=False)
+        except _APIError as exc:
+            raise ValueError(exc.message) from None
+
     # ---- tokenizer
 
     def _scale(self, raw_tokens: int) -> int:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from sqlalchemy import func, select, text
 
-from convo import ConversationStore, SchemaOutOfDate, _migrations
+from convo import ConversationStore, ExtractiveSummarizer, SchemaOutOfDate, _migrations
 from convo._database import Database, resolve_url
 from convo._models import VERSION_TABLE, ConversationRow, MessageRow
 
@@ -20,11 +22,20 @@ def test_every_revision_has_a_downgrade() -> None:
 
 
 def _fill(url: str) -> str:
-    with ConversationStore(url) as store:
+    with ConversationStore(url, summarizer=ExtractiveSummarizer()) as store:
         conv = store.create(title="survivor", metadata={"k": "v"})
         conv.add("user", "hello 🌍")
         conv.add("assistant", [{"type": "text", "text": "hi"}])
+        conv.add("user", "bye")
+        assert conv.compact() is not None  # turns 1-2 now live in an archive block
         return conv.id
+
+
+def _contents(database: Database) -> list[object]:
+    with database.transaction() as session:
+        return list(
+            session.execute(text("SELECT content FROM convo_messages ORDER BY seq")).scalars()
+        )
 
 
 def _counts(database: Database) -> tuple[int, int]:
@@ -44,7 +55,14 @@ def test_upgrade_downgrade_every_step_and_upgrade_again_with_data(database_url: 
         # Step down one revision at a time while the data can stay, checking it did.
         for index in range(len(revisions) - 1, 0, -1):
             _migrations.downgrade(database, revisions[index - 1])
-            assert _counts(database) == (1, 2)
+            assert _counts(database) == (1, 3)
+        # Archived content went back into the rows before the archive table went.
+        contents = [c if isinstance(c, list) else json.loads(str(c)) for c in _contents(database)]
+        assert contents == [
+            [{"type": "text", "text": "hello 🌍"}],
+            [{"type": "text", "text": "hi"}],
+            [{"type": "text", "text": "bye"}],
+        ]
         _migrations.downgrade(database, "base")
         with database.transaction() as session:
             names = session.connection().dialect.get_table_names(session.connection())
@@ -57,11 +75,11 @@ def test_upgrade_downgrade_every_step_and_upgrade_again_with_data(database_url: 
         _migrations.downgrade(database, revisions[0])
         for revision in revisions[1:]:
             _migrations.upgrade(database, revision)
-            assert _counts(database) == (1, 2)
+            assert _counts(database) == (1, 3)
         with ConversationStore(database_url) as store:
             assert kept not in {c.id for c in store.list()}
             (conv,) = store.list()
-            assert [m.text for m in conv.history()] == ["hello 🌍", "hi"]
+            assert [m.text for m in conv.history()] == ["hello 🌍", "hi", "bye"]
             assert conv.metadata == {"k": "v"}
     finally:
         database.close()

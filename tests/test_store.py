@@ -283,3 +283,21 @@ def test_iter_history_streams_in_order(store: ConversationStore) -> None:
     for i in range(25):
         conv.add("user" if i % 2 == 0 else "assistant", f"turn {i}")
     assert [m.text for m in conv.iter_history()] == [f"turn {i}" for i in range(25)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"title": "a\x00b"}, "title"), ({"metadata": {"k": "a\x00b"}}, "metadata")],
+)
+def test_nul_characters_are_refused_where_postgres_cannot_store_them(
+    store: ConversationStore, kwargs: dict[str, object], field: str
+) -> None:
+    with pytest.raises(InvalidInput, match="NUL") as caught:
+        store.create(**kwargs)  # type: ignore[arg-type]
+    assert caught.value.field == field
+
+
+def test_nul_characters_in_content_are_stored_losslessly(store: ConversationStore) -> None:
+    conv = store.create()
+    conv.add("user", "before\x00after")
+    assert store.get(conv.id).history()[0].text == "before\x00after"
