@@ -5,13 +5,18 @@ Errors go to stderr as one line with a non-zero exit code, never a traceback.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 
 from . import _migrations
+from ._conversation import Conversation
 from ._database import ENV_DATABASE_URL, Database, mask, resolve_url
+from ._message import Message
+from ._store import ConversationStore
+from ._summarizer import ExtractiveSummarizer, SummaryTurn, transcript
 from ._version import __version__
 from .errors import ConvoError
 
@@ -169,6 +174,145 @@ def check(db_url: str | None) -> None:
         database.close()
     head = _migrations.head_revision()
     click.echo(f"{mask(database.url)} matches convo's schema (revision {head})")
+
+
+def _store(db_url: str | None, **options: Any) -> ConversationStore:
+    return ConversationStore(db_url, **options)
+
+
+def _emit_json(value: Any) -> None:
+    click.echo(json.dumps(value, ensure_ascii=False, indent=2, default=str))
+
+
+def _message_json(message: Message) -> dict[str, Any]:
+    return {
+        "seq": message.seq,
+        "role": message.role,
+        "content": message.content,
+        "status": message.status,
+        "token_count": message.token_count,
+        "created_at": message.created_at.isoformat(),
+        "model": message.model,
+        "stop_reason": message.stop_reason,
+        "usage": message.usage,
+        "request_id": message.request_id,
+    }
+
+
+def _turn_text(message: Message) -> str:
+    rendered = transcript([SummaryTurn(message.seq, message.role, message.content)])
+    return rendered.split(": ", 1)[1] if ": " in rendered else rendered
+
+
+@cli.command()
+@click.argument("conversation_id", metavar="ID")
+@click.option(
+    "--context",
+    "show_context",
+    is_flag=True,
+    help="Show the window the next API call would send, with token counts.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@db_option
+def show(conversation_id: str, show_context: bool, as_json: bool, db_url: str | None) -> None:
+    """Show a conversation's full history (archived turns included).
+
+    With --context, show instead what the next request would carry: the
+    system prompt, the summary of archived turns, and the live turns, each
+    with its token count. Nothing is sent and nothing is compacted.
+
+    \b
+    Example:
+      convo show conv_01JD0000000000000000000000
+      convo show conv_01JD0000000000000000000000 --context
+    """
+    with _store(db_url) as store:
+        conv = store.get(conversation_id)
+        if show_context:
+            _show_context(conv, as_json)
+            return
+        if as_json:
+            _emit_json([_message_json(m) for m in conv.iter_history()])
+            return
+        title = f" - {conv.title}" if conv.title else ""
+        click.echo(f"{conv.id}{title} ({conv.message_count} turns)")
+        for message in conv.iter_history():
+            status = "" if message.status == "complete" else f" [{message.status}]"
+            click.echo(f"\n#{message.seq} {message.role}{status}")
+            click.echo(_turn_text(message))
+
+
+def _show_context(conv: Conversation, as_json: bool) -> None:
+    window = conv.window(compact=False)
+    summary = conv.summary()
+    parts = {
+        "model": window.params["model"],
+        "budget": window.budget,
+        "estimated_tokens": window.estimated_tokens,
+        "system_tokens": window.system_tokens,
+        "summary_tokens": window.summary_tokens,
+        "summary_covers_turns": [1, window.summary_through_seq] if summary else None,
+        "message_tokens": window.message_tokens,
+        "live_turns": [window.first_seq, window.last_seq] if window.first_seq else None,
+        "omitted_turns": list(window.omitted_seqs),
+        "request": window.params,
+    }
+    if as_json:
+        _emit_json(parts)
+        return
+    click.echo(f"{conv.id} -> {parts['model']}")
+    click.echo(f"estimated input: {window.estimated_tokens:,} of a {window.budget:,}-token budget")
+    click.echo(f"  system prompt: {window.system_tokens:,} tokens")
+    if summary:
+        click.echo(
+            f"  summary of turns 1-{window.summary_through_seq}: {window.summary_tokens:,} tokens"
+        )
+        click.echo("    " + summary.replace("\n", "\n    "))
+    else:
+        click.echo("  summary: none (nothing archived yet)")
+    if window.first_seq is not None:
+        click.echo(
+            f"  live turns {window.first_seq}-{window.last_seq}: "
+            f"{window.message_tokens:,} tokens in {len(window.params['messages'])} messages"
+        )
+    if window.omitted_seqs:
+        click.echo(
+            f"  left out to fit (stored, not sent): turns {window.omitted_seqs[0]}-"
+            f"{window.omitted_seqs[-1]}; run `convo compact {conv.id}`"
+        )
+
+
+@cli.command()
+@click.argument("conversation_id", metavar="ID")
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="Summarize with the offline extractive summarizer instead of Claude.",
+)
+@db_option
+def compact(conversation_id: str, offline: bool, db_url: str | None) -> None:
+    """Archive a conversation's older turns now and summarize them.
+
+    Everything before the latest exchange moves into a compressed archive
+    block (history stays complete) and a new rolling summary stands in for
+    it in requests. The summary is written by Claude (ANTHROPIC_API_KEY),
+    or with --offline by an extractive summarizer that needs no key.
+
+    \b
+    Example:
+      convo compact conv_01JD0000000000000000000000 --offline
+    """
+    options: dict[str, Any] = {"summarizer": ExtractiveSummarizer()} if offline else {}
+    with _store(db_url, **options) as store:
+        done = store.get(conversation_id).compact()
+    if done is None:
+        click.echo("Nothing to compact: only the latest exchange is live.")
+    else:
+        click.echo(
+            f"Archived turns {done.first_seq}-{done.last_seq} "
+            f"({done.raw_bytes:,} bytes -> {done.stored_bytes:,} stored) "
+            f"summarized by the {done.summarizer} summarizer."
+        )
 
 
 def main() -> None:

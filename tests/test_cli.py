@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -137,3 +138,68 @@ def test_db_upgrade_adds_convo_tables_to_another_apps_sqlite_on_purpose(tmp_path
     con = sqlite3.connect(path)
     assert con.execute("SELECT count(*) FROM users").fetchone() == (0,)
     con.close()
+
+
+def _conversation(url: str, turns: int = 6) -> str:
+    with ConversationStore(url) as store:
+        conv = store.create(title="Demo", system="Be brief.")
+        for i in range(turns):
+            conv.add("user" if i % 2 == 0 else "assistant", f"turn {i} 🙂")
+        conv.add(
+            "assistant",
+            [{"type": "tool_use", "id": "t1", "name": "search", "input": {"q": "x"}}],
+        )
+        conv.add("user", [{"type": "tool_result", "tool_use_id": "t1", "content": "found"}])
+        return conv.id
+
+
+def test_show_prints_the_whole_history(migrated_url: str) -> None:
+    conv_id = _conversation(migrated_url)
+    code, out, _ = run("show", conv_id, "--db", migrated_url)
+    assert code == 0
+    assert out.startswith(f"{conv_id} - Demo (8 turns)")
+    assert "#1 user\nturn 0 🙂" in out
+    assert '[calls tool search with {"q": "x"}]' in out
+    assert "[tool result: found]" in out
+    code, out, _ = run("show", conv_id, "--json", "--db", migrated_url)
+    records = json.loads(out)
+    assert [r["seq"] for r in records] == list(range(1, 9))
+    assert records[0]["content"] == [{"type": "text", "text": "turn 0 🙂"}]
+
+
+def test_compact_then_show_context_and_history(migrated_url: str) -> None:
+    conv_id = _conversation(migrated_url)
+    code, out, _ = run("compact", conv_id, "--offline", "--db", migrated_url)
+    assert code == 0
+    # The latest exchange starts at turn 5 (turns 6-8 answer it, a tool pair included).
+    assert "Archived turns 1-4" in out
+    assert "by the extractive summarizer" in out
+    code, out, _ = run("show", conv_id, "--context", "--db", migrated_url)
+    assert code == 0
+    assert "summary of turns 1-4" in out
+    assert "[Extractive summary" in out
+    assert "live turns 5-8" in out
+    code, out, _ = run("show", conv_id, "--context", "--json", "--db", migrated_url)
+    window = json.loads(out)
+    assert window["summary_covers_turns"] == [1, 4]
+    assert window["estimated_tokens"] <= window["budget"]
+    assert window["request"]["messages"][0]["role"] == "user"
+    # The history still holds every turn.
+    assert len(json.loads(run("show", conv_id, "--json", "--db", migrated_url)[1])) == 8
+    code, out, _ = run("compact", conv_id, "--offline", "--db", migrated_url)
+    assert "Nothing to compact" in out
+
+
+def test_compact_without_an_api_key_says_what_to_set(migrated_url: str) -> None:
+    conv_id = _conversation(migrated_url)
+    code, _, err = run("compact", conv_id, "--db", migrated_url)
+    assert code == 1
+    assert "ANTHROPIC_API_KEY" in err
+    assert "stay live" in err
+    assert "Traceback" not in err
+
+
+def test_show_unknown_conversation(migrated_url: str) -> None:
+    code, _, err = run("show", "conv_nothere", "--db", migrated_url)
+    assert code == 1
+    assert err.strip() == "Error: conversation not found: 'conv_nothere'"

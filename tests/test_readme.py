@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.fakeapi import FakeMessagesAPI
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -16,13 +19,13 @@ def _python_blocks() -> list[str]:
 
 
 def test_readme_example_is_the_quickstart_file() -> None:
-    (block,) = _python_blocks()
+    block = _python_blocks()[0]
     quickstart = (ROOT / "examples" / "quickstart.py").read_text()
     assert block.strip() in quickstart
 
 
 def test_readme_example_runs_on_the_embedded_default(isolated_environment: Path) -> None:
-    (block,) = _python_blocks()
+    block = _python_blocks()[0]
     done = subprocess.run(
         [sys.executable, "-c", block], capture_output=True, text=True, timeout=120, check=True
     )
@@ -40,3 +43,19 @@ def test_ci_runs_the_readme_test_command() -> None:
     command = "./scripts/install && ./scripts/test"
     assert f"```sh\n{command}\n```" in README
     assert command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_bring_your_own_client_example_runs(
+    isolated_environment: Path, fake_api: FakeMessagesAPI
+) -> None:
+    block = _python_blocks()[1]
+    env = {**os.environ, "ANTHROPIC_API_KEY": "test-key", "ANTHROPIC_BASE_URL": fake_api.base_url}
+    done = subprocess.run(
+        [sys.executable, "-c", block], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "echo: Summarise the plot of Hamlet in one line."
+    assert lines[1].endswith(" input tokens")
+    (request,) = fake_api.requests
+    assert request.body["max_tokens"] == 500
