@@ -186,7 +186,7 @@ class Conversation:
         model = self.effective_model
         budget = self.budget(max_tokens=max_tokens)
         calibration = self.store.calibration(model)
-        prompt_params = {k: params[k] for k in _PROMPT_PARAMS if k in params}
+        prompt_params: dict[str, Any] = {k: params[k] for k in _PROMPT_PARAMS if k in params}
         extra_tokens = (
             self.store.count_text(json_tokens_text(prompt_params)) if prompt_params else 0
         )
@@ -201,18 +201,28 @@ class Conversation:
                 notes.append(f"compacted turns {done.first_seq}-{done.last_seq}")
                 state = self.store.live_state(self.id)
                 self._load(state.row)
-        window = assemble(
-            model=model,
-            system=self.system,
-            summary=state.summary,
-            turns=state.turns,
-            budget=budget,
-            calibration=calibration,
-            system_tokens=self._system_tokens(),
-            extra_tokens=extra_tokens,
-            user_breakpoints=count_breakpoints(prompt_params) + count_breakpoints(self.system),
-            notes=notes,
-        )
+        for _attempt in range(3):
+            window = assemble(
+                model=model,
+                system=self.system,
+                summary=state.summary,
+                turns=state.turns,
+                budget=budget,
+                calibration=calibration,
+                system_tokens=self._system_tokens(),
+                extra_tokens=extra_tokens,
+                user_breakpoints=count_breakpoints(prompt_params) + count_breakpoints(self.system),
+                notes=notes,
+            )
+            if not self.store.exact_token_counts:
+                break
+            # Exact mode: the API's own count, which also calibrates; if it says
+            # the window is over budget, lay it out again with what it taught us.
+            exact = self._count_exactly(window.params, prompt_params)
+            calibration = self.store.observe_usage(model, window.raw_tokens, exact)
+            window = replace(window, estimated_tokens=exact)
+            if exact <= budget:
+                break
         if window.omitted_seqs:
             logger.warning(
                 "conversation %s: turns %d-%d left out of the request to fit the budget",
@@ -232,6 +242,11 @@ class Conversation:
         window = _with_params(window, params_out)
         self._last_window = window
         return window
+
+    def _count_exactly(self, request: dict[str, Any], prompt_params: dict[str, Any]) -> int:
+        fields = {k: v for k, v in prompt_params.items() if k in ("tools", "tool_choice")}
+        counted = self.store.client.messages.count_tokens(**request, **fields)
+        return int(counted.input_tokens)
 
     def _maybe_compact(
         self,

@@ -181,6 +181,9 @@ class ConversationStore:
     * ``low_water``: share of the budget the live turns may use after a
       compaction (default 0.55).
     * ``token_counter``: anything with ``count(text) -> int`` (default cl100k).
+    * ``exact_token_counts``: also ask ``client.messages.count_tokens`` for the
+      exact size of every request before it is sent (one more API call per
+      turn, on its own rate limit); it calibrates too.
     """
 
     def __init__(
@@ -194,6 +197,7 @@ class ConversationStore:
         summarizer_fallback: Summarizer | None = None,
         low_water: float = DEFAULT_LOW_WATER,
         token_counter: TokenCounter | None = None,
+        exact_token_counts: bool = False,
         echo: bool = False,
     ) -> None:
         self._url = resolve_url(url)
@@ -206,6 +210,7 @@ class ConversationStore:
         self._summarizer = summarizer
         self.summarizer_fallback = summarizer_fallback
         self.token_counter: TokenCounter = token_counter or TiktokenCounter()
+        self.exact_token_counts = exact_token_counts
         self._db = Database(self._url, echo=echo)
         try:
             self._ensure_schema()

@@ -385,3 +385,25 @@ def test_history_is_lossless_for_random_conversations(
 ) -> None:
     with ConversationStore(migrated_url, summarizer=ExtractiveSummarizer()) as store:
         _lossless(store, turns, budget)
+
+
+def test_exact_mode_counts_with_the_api_and_calibrates(
+    migrated_url: str, fake_api: FakeMessagesAPI, api_client: anthropic.Anthropic
+) -> None:
+    with _store(migrated_url, api_client, exact_token_counts=True, token_budget=2_000) as store:
+        conv = store.create(system="Be brief. " * 30)
+        conv.add("user", question(1) * 3)
+        window = conv.window(max_tokens=100)
+        count_calls = [r for r in fake_api.requests if r.path == "/v1/messages/count_tokens"]
+        assert len(count_calls) == 1
+        assert window.estimated_tokens == fake_api.count_request_tokens(window.params)
+        assert store.calibration(store.model).samples == 1
+        chat(conv, api_client, 15)
+        for request in _conversation_requests(fake_api, store.model):
+            assert request.usage is not None
+            assert (
+                request.usage["input_tokens"]
+                + request.usage["cache_creation_input_tokens"]
+                + request.usage["cache_read_input_tokens"]
+                <= 2_000
+            )
