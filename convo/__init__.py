@@ -3,12 +3,16 @@
 >>> from convo import ConversationStore
 >>> store = ConversationStore()            # CONVO_DATABASE_URL, else embedded SQLite
 >>> conv = store.create(system="You are terse.")
->>> conv.add("user", "Hello!")
+>>> reply = conv.send("Hello!")            # stored, within budget, cached
 >>> store.get(conv.id).history()           # from any process, on any host
 """
 
+from . import errors
 from ._conversation import Conversation
 from ._message import Message
+from ._pricing import DEFAULT_PRICES, Price, PriceTable
+from ._redaction import Redactor
+from ._sending import ConversationStream
 from ._store import Compaction, ConversationStore
 from ._summarizer import (
     ClaudeSummarizer,
@@ -18,11 +22,14 @@ from ._summarizer import (
     SummaryTurn,
 )
 from ._tokens import TiktokenCounter, TokenCounter
+from ._usage import UsageReport, UsageStats
 from ._version import __version__
 from ._window import ContextWindow
 from .errors import (
+    APIError,
     ArchiveCorrupted,
     ContextTooLarge,
+    ConversationBusy,
     ConversationNotFound,
     ConvoError,
     DatabaseError,
@@ -34,18 +41,23 @@ from .errors import (
     MissingDriver,
     NotAConvoDatabase,
     SchemaOutOfDate,
+    StreamInterrupted,
     SummarizerFailed,
 )
 
 __all__ = [
+    "DEFAULT_PRICES",
+    "APIError",
     "ArchiveCorrupted",
     "ClaudeSummarizer",
     "Compaction",
     "ContextTooLarge",
     "ContextWindow",
     "Conversation",
+    "ConversationBusy",
     "ConversationNotFound",
     "ConversationStore",
+    "ConversationStream",
     "ConvoError",
     "DatabaseError",
     "DatabaseUnavailable",
@@ -57,12 +69,19 @@ __all__ = [
     "MissingAPIKey",
     "MissingDriver",
     "NotAConvoDatabase",
+    "Price",
+    "PriceTable",
+    "Redactor",
     "SchemaOutOfDate",
+    "StreamInterrupted",
     "Summarizer",
     "SummarizerFailed",
     "SummaryResult",
     "SummaryTurn",
     "TiktokenCounter",
     "TokenCounter",
+    "UsageReport",
+    "UsageStats",
     "__version__",
+    "errors",
 ]

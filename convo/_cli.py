@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import click
@@ -313,6 +314,99 @@ def compact(conversation_id: str, offline: bool, db_url: str | None) -> None:
             f"({done.raw_bytes:,} bytes -> {done.stored_bytes:,} stored) "
             f"summarized by the {done.summarizer} summarizer."
         )
+
+
+def _format_cost(cost: Any) -> str:
+    return "unknown" if cost is None else f"${cost:.4f}"
+
+
+def _format_ratio(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.0%}"
+
+
+@cli.command()
+@click.argument("conversation_id", metavar="[ID]", required=False)
+@click.option(
+    "--by",
+    "group_by",
+    type=click.Choice(["conversation", "model", "day"]),
+    help="Also break the totals down by conversation, model or day.",
+)
+@click.option("--user", "user_id", metavar="USER", help="Only this user's conversations.")
+@click.option(
+    "--since",
+    type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),
+    help="Only calls from this date (UTC) on.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@db_option
+def stats(
+    conversation_id: str | None,
+    group_by: str | None,
+    user_id: str | None,
+    since: datetime | None,
+    as_json: bool,
+    db_url: str | None,
+) -> None:
+    """Show API usage: requests, tokens by kind, cache hits, cost, errors, latency.
+
+    For one conversation (ID) or all of them. Cost uses the price table
+    (unknown for a model without a price, never a guess); summaries Claude
+    wrote for compaction are counted too.
+
+    \b
+    Example:
+      convo stats --by day --since 2026-11-01
+      convo stats conv_01JD0000000000000000000000 --json
+    """
+    with _store(db_url) as store:
+        report = store.usage(
+            conversation_id=conversation_id,
+            user_id=user_id,
+            since=since.replace(tzinfo=UTC) if since else None,
+            group_by=group_by,  # type: ignore[arg-type]
+        )
+    rows = [*report.groups, report.total]
+    if as_json:
+        _emit_json(
+            {"total": report.total.as_dict(), "groups": [g.as_dict() for g in report.groups]}
+        )
+        return
+    header = (
+        "",
+        "requests",
+        "errors",
+        "input",
+        "cache write",
+        "cache read",
+        "output",
+        "cache hit",
+        "cost",
+        "p50 ms",
+        "p95 ms",
+    )
+    table = [header] + [
+        (
+            row.key,
+            str(row.requests),
+            str(row.errors),
+            f"{row.input_tokens:,}",
+            f"{row.cache_creation_input_tokens:,}",
+            f"{row.cache_read_input_tokens:,}",
+            f"{row.output_tokens:,}",
+            _format_ratio(row.cache_hit_ratio),
+            _format_cost(row.cost_usd),
+            str(row.latency_p50_ms or "-"),
+            str(row.latency_p95_ms or "-"),
+        )
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for line in table:
+        cells = [line[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(line[1:], widths[1:], strict=True)
+        ]
+        click.echo("  ".join(cells).rstrip())
 
 
 def main() -> None:

@@ -11,6 +11,8 @@ from typing import Any, Final
 from ._budget import DEFAULT_MAX_TOKENS, effective_budget
 from ._message import Message
 from ._models import ConversationRow
+from ._sending import ConversationStream
+from ._sending import send as send_turn
 from ._store import (
     Compaction,
     ConversationStore,
@@ -105,6 +107,9 @@ class Conversation:
         nothing is written then.
         """
         turn = self.store.make_turn(role, content)
+        if self.store.storage_redactor is not None:
+            blocks = self.store.storage_redactor.redact_blocks(turn.content)
+            turn = self.store.make_turn(role, blocks)
         self._check_fits(turn.token_count)
         message, row = self.store.append(self.id, turn)
         self._load(row)
@@ -325,6 +330,32 @@ class Conversation:
             )
             self.store.observe_usage(window.params["model"], window.raw_tokens, actual)
         return message
+
+    def send(self, content: str | list[Any], **params: Any) -> Message:
+        """Send a user turn to Claude and return the stored reply.
+
+        ``content`` is a string or a list of content blocks. ``params`` pass
+        through to ``messages.create`` (``max_tokens``, ``tools``,
+        ``tool_choice``, ``thinking``, ``stop_sequences``, ``metadata``, ...).
+        The user turn is stored before the call; the reply after it, with its
+        usage. A failed call raises :class:`APIError` and the user turn stays
+        (it is sent again with the next turn); a second concurrent send on
+        this conversation raises :class:`ConversationBusy`.
+        """
+        return send_turn(self, content, params)
+
+    def stream(self, content: str | list[Any], **params: Any) -> ConversationStream:
+        """Send a user turn and stream the reply::
+
+            with conv.stream("Tell me a story") as reply:
+                for text in reply:
+                    print(text, end="", flush=True)
+            reply.message  # the stored assistant turn
+
+        A stream that breaks off keeps what arrived as an ``incomplete`` turn
+        and raises :class:`StreamInterrupted`.
+        """
+        return ConversationStream(self, content, params)
 
     def summary(self) -> str | None:
         """The current rolling summary of the archived turns, if any."""

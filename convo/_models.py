@@ -109,6 +109,9 @@ class ConversationRow(Base):
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
     #: Turns up to this seq are archived (and summarized); the live window follows.
     archived_through_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: A send/stream in flight claims the conversation until then (or until it ends).
+    busy_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    busy_owner: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 

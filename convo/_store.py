@@ -18,8 +18,10 @@ import functools
 import json
 import logging
 import os
+import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import URL, delete, select, update
@@ -40,10 +42,14 @@ from ._models import (
     SummaryRow,
     utcnow,
 )
+from ._pricing import PriceTable
+from ._ratelimit import RateLimiter
+from ._redaction import Redactor
 from ._summarizer import ClaudeSummarizer, Summarizer, SummaryResult, SummaryTurn
 from ._tokens import TiktokenCounter, TokenCounter, count_turn
+from ._usage import GROUPINGS, CallRecord, GroupBy, UsageReport, summarize
 from ._window import LiveTurn, SummaryPart, summary_block
-from .errors import ConversationNotFound, InvalidInput, MissingAPIKey
+from .errors import ConversationBusy, ConversationNotFound, InvalidInput, MissingAPIKey
 
 if TYPE_CHECKING:
     from ._conversation import Conversation
@@ -58,8 +64,16 @@ DEFAULT_MODEL: Final = "claude-sonnet-5-5"
 DEFAULT_LIST_LIMIT: Final = 50
 #: After a compaction the live turns use at most this share of the budget.
 DEFAULT_LOW_WATER: Final = 0.55
+#: How long a send's claim on a conversation outlives a crashed sender.
+DEFAULT_SEND_LEASE: Final = 900.0
 #: Rows fetched per round trip when reading a long history.
 HISTORY_BATCH: Final = 1_000
+
+
+def _redactor(setting: Redactor | bool) -> Redactor | None:
+    if isinstance(setting, Redactor):
+        return setting
+    return Redactor() if setting else None
 
 
 def _check_system(system: object) -> Any:
@@ -181,6 +195,17 @@ class ConversationStore:
     * ``low_water``: share of the budget the live turns may use after a
       compaction (default 0.55).
     * ``token_counter``: anything with ``count(text) -> int`` (default cl100k).
+    * ``max_retries``: the SDK's retries (default 2): 429, 5xx, 529 overloaded
+      and connection errors, honouring ``retry-after``. convo adds none.
+    * ``requests_per_minute``, ``input_tokens_per_minute``,
+      ``max_concurrent_requests``: client-side limits shared by every
+      conversation of the store, across threads (waits are logged).
+    * ``redact_requests``, ``redact_storage``: ``True`` or a :class:`Redactor`
+      to redact personal data and secrets from what is sent to the API and/or
+      from what is stored. Both off by default.
+    * ``prices``: overrides of the price table (USD per million tokens).
+    * ``send_lease``: seconds a send's claim on a conversation lasts if its
+      process dies mid-call (default 900).
     * ``exact_token_counts``: also ask ``client.messages.count_tokens`` for the
       exact size of every request before it is sent (one more API call per
       turn, on its own rate limit); it calibrates too.
@@ -198,6 +223,14 @@ class ConversationStore:
         low_water: float = DEFAULT_LOW_WATER,
         token_counter: TokenCounter | None = None,
         exact_token_counts: bool = False,
+        max_retries: int | None = None,
+        requests_per_minute: int | None = None,
+        input_tokens_per_minute: int | None = None,
+        max_concurrent_requests: int | None = None,
+        redact_requests: Redactor | bool = False,
+        redact_storage: Redactor | bool = False,
+        prices: Mapping[str, Any] | None = None,
+        send_lease: float = DEFAULT_SEND_LEASE,
         echo: bool = False,
     ) -> None:
         self._url = resolve_url(url)
@@ -211,6 +244,25 @@ class ConversationStore:
         self.summarizer_fallback = summarizer_fallback
         self.token_counter: TokenCounter = token_counter or TiktokenCounter()
         self.exact_token_counts = exact_token_counts
+        self.max_retries = _check_positive("max_retries", max_retries) if max_retries else None
+        if max_retries == 0:
+            self.max_retries = 0
+        self.rate_limiter = RateLimiter(
+            requests_per_minute=requests_per_minute,
+            input_tokens_per_minute=input_tokens_per_minute,
+            max_concurrent=max_concurrent_requests,
+        )
+        self.request_redactor = _redactor(redact_requests)
+        self.storage_redactor = _redactor(redact_storage)
+        self.prices = PriceTable(prices)
+        if send_lease <= 0:
+            raise InvalidInput(
+                "send_lease", f"must be a positive number of seconds, not {send_lease!r}"
+            )
+        self.send_lease = send_lease
+        if client is not None and max_retries is not None:
+            # The SDK's own retries, configured once: never a second layer.
+            self._client = client.with_options(max_retries=max_retries)
         self._db = Database(self._url, echo=echo)
         try:
             self._ensure_schema()
@@ -248,7 +300,11 @@ class ConversationStore:
         if self._client is None:
             import anthropic
 
-            client = anthropic.Anthropic()
+            client = (
+                anthropic.Anthropic()
+                if self.max_retries is None
+                else anthropic.Anthropic(max_retries=self.max_retries)
+            )
             if not (client.api_key or client.auth_token or getattr(client, "credentials", None)):
                 raise MissingAPIKey(
                     "no Anthropic API key: set ANTHROPIC_API_KEY (or pass client= to "
@@ -378,33 +434,71 @@ class ConversationStore:
         """Append ``turn`` as the conversation's next seq, atomically."""
         with self._db.transaction(write=True) as session:
             conversation = self._row(session, conversation_id, lock=True)
-            now = utcnow()
-            conversation.last_seq += 1
-            conversation.updated_at = now
-            row = MessageRow(
-                conversation_id=conversation_id,
-                seq=conversation.last_seq,
-                role=turn.role,
-                content=turn.content,
-                token_count=turn.token_count,
-                status=turn.status,
-                model=turn.model,
-                stop_reason=turn.stop_reason,
-                usage=turn.usage,
-                request_id=turn.request_id,
-                latency_ms=turn.latency_ms,
-                created_at=now,
-            )
-            session.add(row)
-            session.flush()
-            return _message(row, turn.content), conversation
+            return self._append_locked(session, conversation, turn)
 
-    def set_status(self, conversation_id: str, seq: int, status: Status) -> None:
+    def claim_and_append(
+        self, conversation_id: str, turn: Turn
+    ) -> tuple[Message, ConversationRow, str]:
+        """Claim the conversation for one send and append its user turn, atomically.
+
+        Raises :class:`ConversationBusy` (writing nothing) while another
+        send's claim holds. Returns the claim's owner token for :meth:`release`.
+        """
+        with self._db.transaction(write=True) as session:
+            conversation = self._row(session, conversation_id, lock=True)
+            now = utcnow()
+            if conversation.busy_until is not None and conversation.busy_until > now:
+                raise ConversationBusy(conversation_id, conversation.busy_until.isoformat())
+            owner = secrets.token_hex(8)
+            conversation.busy_until = now + timedelta(seconds=self.send_lease)
+            conversation.busy_owner = owner
+            message, row = self._append_locked(session, conversation, turn)
+            return message, row, owner
+
+    def release(self, conversation_id: str, owner: str) -> None:
+        """End a send's claim (if it is still the owner's)."""
+        with self._db.transaction(write=True) as session:
+            conversation = self._row(session, conversation_id, lock=True)
+            if conversation.busy_owner == owner:
+                conversation.busy_until = None
+                conversation.busy_owner = None
+
+    def _append_locked(
+        self, session: Session, conversation: ConversationRow, turn: Turn
+    ) -> tuple[Message, ConversationRow]:
+        now = utcnow()
+        conversation.last_seq += 1
+        conversation.updated_at = now
+        row = MessageRow(
+            conversation_id=conversation.id,
+            seq=conversation.last_seq,
+            role=turn.role,
+            content=turn.content,
+            token_count=turn.token_count,
+            status=turn.status,
+            model=turn.model,
+            stop_reason=turn.stop_reason,
+            usage=turn.usage,
+            request_id=turn.request_id,
+            latency_ms=turn.latency_ms,
+            created_at=now,
+        )
+        session.add(row)
+        session.flush()
+        return _message(row, turn.content), conversation
+
+    def set_status(
+        self, conversation_id: str, seq: int, status: Status, *, model: str | None = None
+    ) -> None:
+        """Mark a turn (a failed user turn also records the model it was sent to)."""
+        values: dict[str, Any] = {"status": status}
+        if model is not None:
+            values["model"] = model
         with self._db.transaction(write=True) as session:
             session.execute(
                 update(MessageRow)
                 .where(MessageRow.conversation_id == conversation_id, MessageRow.seq == seq)
-                .values(status=status)
+                .values(**values)
             )
 
     def history(self, conversation_id: str) -> Iterator[Message]:
@@ -617,6 +711,102 @@ class ConversationStore:
                 setattr(row, key, value)
             row.updated_at = utcnow()
             return row
+
+    def outbound(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The request as it leaves: redacted if ``redact_requests`` is on."""
+        redactor = self.request_redactor
+        if redactor is None:
+            return params
+        redacted = dict(params)
+        redacted["messages"] = [
+            {**m, "content": redactor.redact_blocks(m["content"])} for m in params["messages"]
+        ]
+        if "system" in params:
+            redacted["system"] = redactor.redact_system(params["system"])
+        return redacted
+
+    def usage(
+        self,
+        *,
+        conversation_id: str | None = None,
+        user_id: str | None = None,
+        since: datetime | None = None,
+        group_by: GroupBy | None = None,
+    ) -> UsageReport:
+        """Requests, tokens by kind, cache hit ratio, cost, errors and latency.
+
+        Counts every reply stored from an API call, every summary Claude wrote,
+        and every failed call; optionally for one conversation, one user, or
+        since a time; grouped by ``"conversation"``, ``"model"`` or ``"day"``.
+        """
+        if group_by is not None and group_by not in GROUPINGS:
+            raise InvalidInput("group_by", f"must be one of {', '.join(GROUPINGS)}")
+        if conversation_id is not None:
+            with self._db.transaction() as session:
+                self._row(session, conversation_id)
+        return summarize(
+            self._call_records(conversation_id, user_id, since), self.prices, group_by=group_by
+        )
+
+    def _call_records(
+        self, conversation_id: str | None, user_id: str | None, since: datetime | None
+    ) -> Iterator[CallRecord]:
+        replies = select(
+            MessageRow.conversation_id,
+            MessageRow.role,
+            MessageRow.status,
+            MessageRow.model,
+            MessageRow.usage,
+            MessageRow.latency_ms,
+            MessageRow.created_at,
+        )
+        summaries = select(
+            SummaryRow.conversation_id, SummaryRow.model, SummaryRow.usage, SummaryRow.created_at
+        )
+        for table, query in ((MessageRow, replies), (SummaryRow, summaries)):
+            if conversation_id is not None:
+                query = query.where(table.conversation_id == conversation_id)
+            if since is not None:
+                query = query.where(table.created_at >= since)
+            if user_id is not None:
+                query = query.join(
+                    ConversationRow, ConversationRow.id == table.conversation_id
+                ).where(ConversationRow.user_id == user_id)
+            if table is MessageRow:
+                query = query.where(
+                    (MessageRow.role == "assistant") | (MessageRow.status == "failed")
+                )
+            with self._db.transaction() as session:
+                for row in session.execute(query.execution_options(yield_per=HISTORY_BATCH)):
+                    if table is SummaryRow:
+                        if row.usage:
+                            yield CallRecord(
+                                row.conversation_id,
+                                row.model,
+                                row.created_at,
+                                row.usage,
+                                None,
+                                kind="summary",
+                            )
+                    elif row.status == "failed":
+                        yield CallRecord(
+                            row.conversation_id,
+                            row.model,
+                            row.created_at,
+                            None,
+                            None,
+                            failed=True,
+                            kind="failed",
+                        )
+                    elif row.usage:
+                        yield CallRecord(
+                            row.conversation_id,
+                            row.model,
+                            row.created_at,
+                            row.usage,
+                            row.latency_ms,
+                            failed=row.status != "complete",
+                        )
 
     # -- calibration -------------------------------------------------------------
 

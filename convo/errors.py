@@ -10,9 +10,12 @@ so code written against the built-in exceptions keeps working::
     │   ├── InvalidMessage                           bad role or content; names the field
     │   └── MessageTooLarge                          a turn cannot fit the budget even alone
     ├── ContextTooLarge                              the newest exchange alone is over budget
-    ├── ArchiveCorrupted                             an archive block fails its checksum
-    ├── SummarizerFailed                             the summary could not be made; turns stay live
+    ├── ConversationBusy                             another send on it is in flight
+    ├── APIError                                     the API call failed (wraps the SDK's error)
+    │   └── StreamInterrupted                        a stream broke off; partial reply kept
     ├── MissingAPIKey                                no key for the client convo makes
+    ├── SummarizerFailed                             the summary could not be made; turns stay live
+    ├── ArchiveCorrupted                             an archive block fails its checksum
     └── DatabaseError                                the database cannot be used
         ├── DatabaseUnavailable                      cannot connect (password masked)
         ├── MissingDriver                            the URL's driver extra is missing
@@ -25,8 +28,10 @@ Each error's message is complete on its own: the CLI prints it as it is.
 from __future__ import annotations
 
 __all__ = [
+    "APIError",
     "ArchiveCorrupted",
     "ContextTooLarge",
+    "ConversationBusy",
     "ConversationNotFound",
     "ConvoError",
     "DatabaseError",
@@ -38,6 +43,7 @@ __all__ = [
     "MissingDriver",
     "NotAConvoDatabase",
     "SchemaOutOfDate",
+    "StreamInterrupted",
     "SummarizerFailed",
 ]
 
@@ -104,6 +110,47 @@ class SummarizerFailed(ConvoError):
 
 class MissingAPIKey(ConvoError):
     """convo needs to call the API but no key is configured (``ANTHROPIC_API_KEY``)."""
+
+
+class ConversationBusy(ConvoError):
+    """Another ``send``/``stream`` on this conversation is in flight (in any process).
+
+    Nothing was written. Retry when it has finished; a crashed sender's claim
+    expires after the store's ``send_lease`` seconds.
+    """
+
+    def __init__(self, conversation_id: str, until: object) -> None:
+        super().__init__(
+            f"conversation {conversation_id} is busy: another send is in flight "
+            f"(its claim expires at {until})"
+        )
+        self.conversation_id = conversation_id
+
+
+class APIError(ConvoError):
+    """The Messages API call failed after the SDK's retries.
+
+    The SDK's exception is ``__cause__``; ``status_code``, ``error_type`` and
+    ``request_id`` are copied from it when it had them. The user turn stays
+    stored (marked ``failed``) and is sent again with the next turn.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        error_type: str | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.error_type = error_type
+        self.request_id = request_id
+
+
+class StreamInterrupted(APIError):
+    """A streamed reply broke off. What arrived is stored as an incomplete turn."""
 
 
 class DatabaseError(ConvoError):

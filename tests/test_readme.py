@@ -48,7 +48,7 @@ def test_ci_runs_the_readme_test_command() -> None:
 def test_readme_bring_your_own_client_example_runs(
     isolated_environment: Path, fake_api: FakeMessagesAPI
 ) -> None:
-    block = _python_blocks()[1]
+    block = _python_blocks()[2]
     env = {**os.environ, "ANTHROPIC_API_KEY": "test-key", "ANTHROPIC_BASE_URL": fake_api.base_url}
     done = subprocess.run(
         [sys.executable, "-c", block], capture_output=True, text=True, timeout=120, env=env
@@ -59,3 +59,19 @@ def test_readme_bring_your_own_client_example_runs(
     assert lines[1].endswith(" input tokens")
     (request,) = fake_api.requests
     assert request.body["max_tokens"] == 500
+
+
+def test_readme_send_and_stream_example_runs(
+    isolated_environment: Path, fake_api: FakeMessagesAPI
+) -> None:
+    block = _python_blocks()[1]
+    env = {**os.environ, "ANTHROPIC_API_KEY": "test-key", "ANTHROPIC_BASE_URL": fake_api.base_url}
+    done = subprocess.run(
+        [sys.executable, "-c", block], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("echo: Name three prime numbers. ")
+    assert lines[1] == "echo: And three more?"
+    assert lines[2] == "4 end_turn"
+    assert [r.stream for r in fake_api.requests] == [False, True]
