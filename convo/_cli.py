@@ -5,16 +5,22 @@ Errors go to stderr as one line with a non-zero exit code, never a traceback.
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import re
+import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import click
 
 from . import _migrations
+from ._budget import DEFAULT_MAX_TOKENS
 from ._conversation import Conversation
 from ._database import ENV_DATABASE_URL, Database, mask, resolve_url
+from ._export import FORMATS, ON_CONFLICT, export_history, import_history
 from ._message import Message
 from ._store import ConversationStore
 from ._summarizer import ExtractiveSummarizer, SummaryTurn, transcript
@@ -407,6 +413,397 @@ def stats(
             c.rjust(w) for c, w in zip(line[1:], widths[1:], strict=True)
         ]
         click.echo("  ".join(cells).rstrip())
+
+
+def _conversation_json(conv: Conversation) -> dict[str, Any]:
+    return {
+        "id": conv.id,
+        "title": conv.title,
+        "user_id": conv.user_id,
+        "model": conv.effective_model,
+        "messages": conv.message_count,
+        "created_at": conv.created_at.isoformat(),
+        "updated_at": conv.updated_at.isoformat(),
+        "metadata": conv.metadata,
+    }
+
+
+@cli.command()
+@click.option("--model", help="Model for this conversation (default: CONVO_MODEL, else convo's).")
+@click.option("--system", help="System prompt.")
+@click.option("--budget", type=click.IntRange(min=1), help="Input-token budget per request.")
+@click.option("--title", help="A title to show in lists.")
+@click.option("--user", "user_id", metavar="USER", help="The user it belongs to.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@db_option
+def new(
+    model: str | None,
+    system: str | None,
+    budget: int | None,
+    title: str | None,
+    user_id: str | None,
+    as_json: bool,
+    db_url: str | None,
+) -> None:
+    """Start a conversation and print its id.
+
+    \b
+    Example:
+      convo new --system "You are terse." --budget 20000 --title "Support #42"
+    """
+    with _store(db_url) as store:
+        conv = store.create(
+            model=model, system=system, token_budget=budget, title=title, user_id=user_id
+        )
+        if as_json:
+            _emit_json(_conversation_json(conv))
+        else:
+            click.echo(conv.id)
+
+
+@cli.command("send")
+@click.argument("conversation_id", metavar="ID")
+@click.argument("text", required=False)
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_TOKENS,
+    show_default=True,
+    help="Most tokens in the reply.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the stored reply as JSON.")
+@db_option
+def send_command(
+    conversation_id: str, text: str | None, max_tokens: int, as_json: bool, db_url: str | None
+) -> None:
+    """Send TEXT (or '-' for standard input) to a conversation and print the reply.
+
+    The reply streams to standard output as it arrives.
+
+    \b
+    Example:
+      convo send conv_01JD0000000000000000000000 "What did we decide?"
+      git diff | convo send conv_01JD0000000000000000000000 -
+    """
+    if text is None or text == "-":
+        text = sys.stdin.read()
+    if not text.strip():
+        raise click.UsageError("nothing to send: TEXT is empty")
+    with _store(db_url) as store:
+        conv = store.get(conversation_id)
+        if as_json:
+            _emit_json(_message_json(conv.send(text, max_tokens=max_tokens)))
+            return
+        with conv.stream(text, max_tokens=max_tokens) as reply:
+            for delta in reply:
+                click.echo(delta, nl=False)
+        click.echo()
+        if reply.message is not None and reply.message.truncated:
+            click.echo("(reply cut off at --max-tokens)", err=True)
+
+
+@cli.command("list")
+@click.option("--user", "user_id", metavar="USER", help="Only this user's conversations.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@db_option
+def list_command(user_id: str | None, limit: int, as_json: bool, db_url: str | None) -> None:
+    """List conversations, newest first.
+
+    \b
+    Example:
+      convo list --user user-42 --limit 5
+    """
+    with _store(db_url) as store:
+        conversations = store.list(user_id=user_id, limit=limit)
+    if as_json:
+        _emit_json([_conversation_json(c) for c in conversations])
+        return
+    for conv in conversations:
+        updated = f"{conv.updated_at:%Y-%m-%d %H:%M}"
+        click.echo(f"{conv.id}  {updated}  {conv.message_count:>6} turns  {conv.title or ''}")
+
+
+@cli.command()
+@click.argument("conversation_ids", metavar="ID...", nargs=-1, required=True)
+@db_option
+def rm(conversation_ids: tuple[str, ...], db_url: str | None) -> None:
+    """Delete conversations with all their turns, archives and summaries.
+
+    \b
+    Example:
+      convo rm conv_01JD0000000000000000000000
+    """
+    with _store(db_url) as store:
+        for conversation_id in conversation_ids:
+            store.delete(conversation_id)
+            click.echo(f"deleted {conversation_id}")
+
+
+def _parse_since(value: datetime | None) -> datetime | None:
+    return value.replace(tzinfo=UTC) if value is not None else None
+
+
+@cli.command("export")
+@click.argument("conversation_ids", metavar="[ID...]", nargs=-1)
+@click.option("--all", "export_all", is_flag=True, help="Every conversation.")
+@click.option("--user", "user_id", metavar="USER", help="Only this user's conversations.")
+@click.option(
+    "--since",
+    type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),
+    help="Only conversations active since this date (UTC).",
+)
+@click.option(
+    "--format",
+    "format_",
+    type=click.Choice(FORMATS),
+    default="jsonl",
+    show_default=True,
+    help="jsonl/json (importable), markdown, or anthropic.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    default="-",
+    help="File to write (default: standard output).",
+)
+@db_option
+def export_command(
+    conversation_ids: tuple[str, ...],
+    export_all: bool,
+    user_id: str | None,
+    since: datetime | None,
+    format_: str,
+    output: str,
+    db_url: str | None,
+) -> None:
+    """Export whole histories (archived turns included), streaming.
+
+    \b
+    Example:
+      convo export --all -o backup.jsonl
+      convo export conv_01JD0000000000000000000000 --format markdown
+    """
+    if conversation_ids and (export_all or user_id or since):
+        raise click.UsageError("give conversation IDs, or --all/--user/--since, not both")
+    if not conversation_ids and not (export_all or user_id or since):
+        raise click.UsageError("say what to export: IDs, or --all (optionally --user/--since)")
+    with _store(db_url) as store, click.open_file(output, "w", encoding="utf-8") as out:
+        show_progress = output != "-" and sys.stderr.isatty()
+        with click.progressbar(
+            length=0,
+            label="exporting",
+            file=sys.stderr,
+            hidden=not show_progress,
+            show_pos=True,
+        ) as bar:
+            conversations, messages = export_history(
+                store,
+                out,
+                conversation_ids=conversation_ids or None,
+                user_id=user_id,
+                since=_parse_since(since),
+                format=format_,  # type: ignore[arg-type]
+                on_message=lambda: bar.update(1),
+            )
+    if output != "-":
+        click.echo(f"exported {conversations} conversations, {messages} messages to {output}")
+
+
+@cli.command("import")
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+@click.option(
+    "--on-conflict",
+    type=click.Choice(ON_CONFLICT),
+    default="error",
+    show_default=True,
+    help="What to do with an id that already exists.",
+)
+@db_option
+def import_command(file: Any, on_conflict: str, db_url: str | None) -> None:
+    """Import a jsonl or json export. All or nothing.
+
+    \b
+    Example:
+      convo import backup.jsonl --on-conflict skip
+    """
+    with _store(db_url) as store:
+        if not file.seekable():
+            file = io.StringIO(file.read())
+        imported, skipped, messages = import_history(
+            store,
+            file,
+            on_conflict=on_conflict,  # type: ignore[arg-type]
+        )
+    click.echo(f"imported {imported} conversations ({messages} messages); skipped {skipped}")
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def _duration(value: str) -> timedelta:
+    match = _DURATION.match(value)
+    if not match or int(match.group(1)) == 0:
+        raise click.BadParameter(f"{value!r} is not a duration like 30d, 12h or 2w")
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+@cli.command()
+@click.option(
+    "--older-than",
+    "older_than",
+    required=True,
+    metavar="AGE",
+    help="Age of the last activity: 30d, 12h, 2w...",
+)
+@click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
+@db_option
+def prune(older_than: str, dry_run: bool, db_url: str | None) -> None:
+    """Delete whole conversations with no activity for AGE (retention).
+
+    \b
+    Example:
+      convo prune --older-than 90d --dry-run
+    """
+    age = _duration(older_than)
+    with _store(db_url) as store:
+        conversations, messages = store.prune(older_than=age, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {conversations} conversations ({messages} messages)")
+
+
+@cli.command()
+@db_option
+def verify(db_url: str | None) -> None:
+    """Check every conversation: turn numbering and every archive block's checksum.
+
+    Exits non-zero, with a report, on any fault.
+
+    \b
+    Example:
+      convo verify --db postgresql://app@db.internal/app
+    """
+    with _store(db_url) as store:
+        faults = store.verify()
+    if faults:
+        for fault in faults:
+            click.echo(fault, err=True)
+        click.echo(f"{len(faults)} faults found", err=True)
+        raise SystemExit(EXIT_ERROR)
+    click.echo("all conversations verified: turns numbered without gaps, archives intact")
+
+
+def _styled(text: str, **style: Any) -> str:
+    """``text`` styled for a terminal, plain when NO_COLOR is set."""
+    return text if os.environ.get("NO_COLOR") else click.style(text, **style)
+
+
+CHAT_HELP = """Commands: /id (this conversation's id), /context (what the next request carries),
+/compact (archive and summarize older turns), /stats (usage and cost), /exit (or Ctrl-D).
+Ctrl-C while a reply streams stops that reply; its text so far is kept."""
+
+
+@cli.command()
+@click.argument("conversation_id", metavar="[ID]", required=False)
+@click.option("--model", help="Model for a new conversation.")
+@click.option("--system", help="System prompt for a new conversation.")
+@click.option("--budget", type=click.IntRange(min=1), help="Token budget for a new conversation.")
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_TOKENS,
+    show_default=True,
+    help="Most tokens per reply.",
+)
+@db_option
+def chat(
+    conversation_id: str | None,
+    model: str | None,
+    system: str | None,
+    budget: int | None,
+    max_tokens: int,
+    db_url: str | None,
+) -> None:
+    """Chat interactively, streaming replies; continue conversation ID or start one.
+
+    Needs ANTHROPIC_API_KEY. In the chat: /id, /context, /compact, /stats,
+    /exit. Ctrl-C during a reply stops it (the partial text is kept).
+
+    \b
+    Example:
+      convo chat --system "You are a patient tutor."
+      convo chat conv_01JD0000000000000000000000
+    """
+    with _store(db_url) as store:
+        store.client  # noqa: B018 - says which key to set before anything starts
+        if conversation_id:
+            conv = store.get(conversation_id)
+            click.echo(f"Continuing {conv.id} ({conv.message_count} turns). /help for commands.")
+        else:
+            conv = store.create(model=model, system=system, token_budget=budget)
+            click.echo(f"New conversation {conv.id}. /help for commands.")
+        while True:
+            try:
+                line = input(_styled("you> ", fg="green", bold=True))
+            except (EOFError, KeyboardInterrupt):
+                click.echo()
+                break
+            command = line.strip()
+            if not command:
+                continue
+            if command.startswith("/"):
+                if not _chat_command(conv, command):
+                    break
+                continue
+            _chat_turn(conv, line, max_tokens)
+        click.echo(f"Bye. Continue with: convo chat {conv.id}")
+
+
+def _chat_command(conv: Conversation, command: str) -> bool:
+    """Run an in-chat command; False to leave the chat."""
+    name = command.split()[0]
+    if name in ("/exit", "/quit"):
+        return False
+    try:
+        if name == "/id":
+            click.echo(conv.id)
+        elif name == "/context":
+            _show_context(conv, as_json=False)
+        elif name == "/compact":
+            done = conv.compact()
+            click.echo(
+                "Nothing to compact."
+                if done is None
+                else f"Archived turns {done.first_seq}-{done.last_seq} and summarized them."
+            )
+        elif name == "/stats":
+            total = conv.store.usage(conversation_id=conv.id).total
+            click.echo(
+                f"{total.requests} requests, {total.total_input_tokens:,} input tokens "
+                f"({_format_ratio(total.cache_hit_ratio)} from cache), "
+                f"{total.output_tokens:,} output tokens, cost {_format_cost(total.cost_usd)}"
+            )
+        else:
+            click.echo(CHAT_HELP)
+    except ConvoError as exc:
+        click.echo(f"Error: {exc}", err=True)
+    return True
+
+
+def _chat_turn(conv: Conversation, text: str, max_tokens: int) -> None:
+    click.echo(_styled("claude> ", fg="blue", bold=True), nl=False)
+    try:
+        with conv.stream(text, max_tokens=max_tokens) as reply:
+            for delta in reply:
+                click.echo(delta, nl=False)
+        click.echo()
+    except KeyboardInterrupt:
+        click.echo(_styled(" [stopped; the text so far is kept]", dim=True))
+    except ConvoError as exc:
+        click.echo()
+        click.echo(f"Error: {exc}", err=True)
 
 
 def main() -> None:

@@ -49,7 +49,13 @@ from ._summarizer import ClaudeSummarizer, Summarizer, SummaryResult, SummaryTur
 from ._tokens import TiktokenCounter, TokenCounter, count_turn
 from ._usage import GROUPINGS, CallRecord, GroupBy, UsageReport, summarize
 from ._window import LiveTurn, SummaryPart, summary_block
-from .errors import ConversationBusy, ConversationNotFound, InvalidInput, MissingAPIKey
+from .errors import (
+    ArchiveCorrupted,
+    ConversationBusy,
+    ConversationNotFound,
+    InvalidInput,
+    MissingAPIKey,
+)
 
 if TYPE_CHECKING:
     from ._conversation import Conversation
@@ -393,6 +399,104 @@ class ConversationStore:
         with self._db.transaction() as session:
             return [Conversation(self, row) for row in session.scalars(query)]
 
+    def iter_conversations(
+        self, *, user_id: str | None = None, since: datetime | None = None
+    ) -> Iterator[Conversation]:
+        """Every conversation (optionally one user's, or active since a time), newest first.
+
+        Read a page at a time, so any number of conversations can be walked.
+        """
+        from ._conversation import Conversation
+
+        before: str | None = None
+        while True:
+            query = select(ConversationRow).order_by(ConversationRow.id.desc()).limit(500)
+            if user_id is not None:
+                query = query.where(ConversationRow.user_id == user_id)
+            if since is not None:
+                query = query.where(ConversationRow.updated_at >= since)
+            if before is not None:
+                query = query.where(ConversationRow.id < before)
+            with self._db.transaction() as session:
+                rows = session.scalars(query).all()
+            if not rows:
+                return
+            for row in rows:
+                yield Conversation(self, row)
+            before = rows[-1].id
+
+    def prune(self, *, older_than: timedelta, dry_run: bool = False) -> tuple[int, int]:
+        """Delete whole conversations with no activity for ``older_than``.
+
+        Returns (conversations, messages) deleted (or that would be, with
+        ``dry_run``).
+        """
+        if older_than.total_seconds() <= 0:
+            raise InvalidInput("older_than", "must be a positive duration")
+        cutoff = utcnow() - older_than
+        conversations = messages = 0
+        with self._db.transaction() as session:
+            stale = session.execute(
+                select(ConversationRow.id, ConversationRow.last_seq).where(
+                    ConversationRow.updated_at < cutoff
+                )
+            ).all()
+        for conversation_id, last_seq in stale:
+            if not dry_run:
+                try:
+                    self.delete(conversation_id)
+                except ConversationNotFound:
+                    continue  # deleted meanwhile
+            conversations += 1
+            messages += last_seq
+        return conversations, messages
+
+    def verify(self) -> builtins.list[str]:
+        """Check every conversation: seq continuity, archive coverage, every block's checksum.
+
+        Returns the faults found (empty when all is well). Reads everything.
+        """
+        faults: list[str] = []
+        for conv in self.iter_conversations():
+            faults.extend(self._verify_conversation(conv.id))
+        return faults
+
+    def _verify_conversation(self, conversation_id: str) -> builtins.list[str]:
+        faults: builtins.list[str] = []
+        with self._db.transaction() as session:
+            row = self._row(session, conversation_id)
+            rows = session.execute(
+                select(MessageRow.seq, MessageRow.content.is_(None))
+                .where(MessageRow.conversation_id == conversation_id)
+                .order_by(MessageRow.seq)
+            ).all()
+            blocks = session.scalars(
+                select(ArchiveBlockRow)
+                .where(ArchiveBlockRow.conversation_id == conversation_id)
+                .order_by(ArchiveBlockRow.first_seq)
+            ).all()
+        seqs = [seq for seq, _ in rows]
+        if seqs != list(range(1, row.last_seq + 1)):
+            missing = sorted(set(range(1, row.last_seq + 1)) - set(seqs))
+            faults.append(
+                f"{conversation_id}: turns are not numbered 1-{row.last_seq} without gaps"
+                + (f" (missing {missing[:10]})" if missing else "")
+            )
+        covered: set[int] = set()
+        for block in blocks:
+            # A corrupted block is one fault, not one per turn it holds.
+            covered.update(range(block.first_seq, block.last_seq + 1))
+            try:
+                _archive.unpack(
+                    conversation_id, block.first_seq, block.last_seq, block.payload, block.checksum
+                )
+            except ArchiveCorrupted as exc:
+                faults.append(str(exc))
+        for seq, archived in rows:
+            if archived and seq not in covered:
+                faults.append(f"{conversation_id}: turn {seq} is archived but no block holds it")
+        return faults
+
     def delete(self, conversation_id: str) -> None:
         """Delete a conversation with all its turns, archive blocks and summaries."""
         with self._db.transaction(write=True) as session:
@@ -548,8 +652,6 @@ class ConversationStore:
                 roles[turn.seq] = turn.role
         for row in missing:
             if row.seq not in content or roles[row.seq] != row.role:
-                from .errors import ArchiveCorrupted
-
                 raise ArchiveCorrupted(
                     conversation_id, row.seq, row.seq, "no archive block holds this turn"
                 )
