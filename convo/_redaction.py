@@ -26,8 +26,9 @@ Each finding is replaced by ``[REDACTED:<kind>]``. The built-in kinds:
 
 Where findings overlap, they are merged into one redaction (nothing of either
 is left), named after the kind listed first: extra patterns, then ``bearer``,
-``api_key``, ``email``, ``card``, ``ssn``, ``phone``. Redacting redacted text
-changes nothing, with the built-in kinds.
+``api_key``, ``email``, ``card``, ``ssn``, ``phone``. Text touching a marker
+is never a finding (before, it touched the finding's own characters), so
+redacting redacted text changes nothing, with the built-in kinds.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ _EXTRA_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 _MARKER: Final = re.compile(r"\[REDACTED:[A-Za-z][A-Za-z0-9_-]*\]")
 
 
-def marker(kind: str) -> str:
+def _marker(kind: str) -> str:
     """What a finding of ``kind`` is replaced with."""
     return f"[REDACTED:{kind}]"
 
@@ -262,9 +263,11 @@ class Redactor:
             (name, _Detector(pattern)) for name, pattern in _compile_extra(extra).items()
         ]
         # Built-in kinds in precedence order, whatever order they were given in.
-        self._kinds: Final = tuple(kind for kind in KINDS if kind in chosen)
         detectors += [
-            (kind, detector) for kind in self._kinds for detector in _BUILTIN_DETECTORS[kind]
+            (kind, detector)
+            for kind in KINDS
+            if kind in chosen
+            for detector in _BUILTIN_DETECTORS[kind]
         ]
         self._detectors: Final = tuple(detectors)
 
@@ -293,10 +296,10 @@ class Redactor:
                 merged_end = max(merged_end, end)
                 merged_precedence = min(merged_precedence, precedence)
                 continue
-            pieces += (text[position:merged_start], marker(self._detectors[merged_precedence][0]))
+            pieces += (text[position:merged_start], _marker(self._detectors[merged_precedence][0]))
             position = merged_end
             merged_start, merged_end, merged_precedence = start, end, precedence
-        pieces += (text[position:merged_start], marker(self._detectors[merged_precedence][0]))
+        pieces += (text[position:merged_start], _marker(self._detectors[merged_precedence][0]))
         pieces.append(text[merged_end:])
         return "".join(pieces)
 
@@ -308,8 +311,16 @@ class Redactor:
         content (a string or nested blocks) and ``document`` blocks with a text
         or content source. ``thinking`` and ``redacted_thinking`` blocks (whose
         signatures must stay valid) and block types not named here are copied
-        unchanged.
+        unchanged. Anything but a list (a message's string content, say) is
+        :class:`InvalidInput`.
         """
+        if not isinstance(blocks, list):
+            # A string passed here would come back unredacted: refuse it loudly.
+            raise InvalidInput(
+                "blocks",
+                f"must be a list of content blocks, not {type(blocks).__name__} "
+                "(use redact_text for a string)",
+            )
         redacted = copy.deepcopy(blocks)
         for block in redacted:
             self._redact_block_in_place(block)
@@ -403,8 +414,8 @@ def _compile_extra(
             raise InvalidInput(field, f"must be a str or re.Pattern, not {type(pattern).__name__}")
         if regex.fullmatch("") is not None:
             raise InvalidInput(field, "matches the empty string, so it would redact nothing")
-        markers = (marker(kind) for kind in (*KINDS, *extra))
+        markers = (_marker(kind) for kind in (*KINDS, *extra))
         if any(found.group() for text in markers for found in regex.finditer(text)):
-            raise InvalidInput(field, f"matches a redaction marker such as {marker(name)!r}")
+            raise InvalidInput(field, f"matches a redaction marker such as {_marker(name)!r}")
         compiled[name] = regex
     return compiled

@@ -391,6 +391,14 @@ def test_input_is_not_mutated_and_the_result_shares_nothing() -> None:
     assert blocks == snapshot
 
 
+@pytest.mark.parametrize("not_blocks", [f"hi {EMAIL}", (text(EMAIL),), None])
+def test_redact_blocks_refuses_anything_but_a_list(not_blocks: Any) -> None:
+    # A string would otherwise come back unredacted, silently.
+    with pytest.raises(InvalidInput) as caught:
+        REDACTOR.redact_blocks(not_blocks)
+    assert caught.value.field == "blocks"
+
+
 def test_redact_system() -> None:
     assert REDACTOR.redact_system(f"Reply to {EMAIL}") == "Reply to [REDACTED:email]"
     assert REDACTOR.redact_system([text(f"Reply to {EMAIL}")]) == [
