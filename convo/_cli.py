@@ -695,6 +695,48 @@ def verify(db_url: str | None) -> None:
     click.echo("all conversations verified: turns numbered without gaps, archives intact")
 
 
+@cli.command()
+@click.argument("query")
+@click.option("--conversation", "conversation_id", metavar="ID", help="Only this conversation.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@db_option
+def search(
+    query: str, conversation_id: str | None, limit: int, as_json: bool, db_url: str | None
+) -> None:
+    """Find turns containing every word of QUERY, archived ones included, newest first.
+
+    Uses the database's own full-text index (SQLite FTS5, PostgreSQL
+    tsvector, MySQL FULLTEXT).
+
+    \b
+    Example:
+      convo search "refund policy"
+      convo search invoice --conversation conv_01JD0000000000000000000000
+    """
+    with _store(db_url) as store:
+        hits = store.search(query, conversation_id=conversation_id, limit=limit)
+    if as_json:
+        _emit_json(
+            [
+                {
+                    "conversation_id": h.conversation_id,
+                    "seq": h.seq,
+                    "role": h.role,
+                    "created_at": h.created_at.isoformat(),
+                    "snippet": h.snippet,
+                }
+                for h in hits
+            ]
+        )
+        return
+    for hit in hits:
+        when = f"{hit.created_at:%Y-%m-%d %H:%M}"
+        click.echo(f"{hit.conversation_id} #{hit.seq} {hit.role} {when}  {hit.snippet}")
+    if not hits:
+        click.echo("no matches", err=True)
+
+
 def _styled(text: str, **style: Any) -> str:
     """``text`` styled for a terminal, plain when NO_COLOR is set."""
     return text if os.environ.get("NO_COLOR") else click.style(text, **style)

@@ -31,7 +31,8 @@ from typing import IO, TYPE_CHECKING, Any, Final, Literal
 from ._content import normalize_content
 from ._ids import is_conversation_id, new_conversation_id
 from ._message import Message
-from ._models import ConversationRow, MessageRow
+from ._models import ConversationRow, MessageRow, SearchTextRow
+from ._search import searchable_text
 from ._summarizer import SummaryTurn, transcript
 from ._window import LiveTurn, render_messages, system_blocks
 from .errors import InvalidInput
@@ -348,7 +349,13 @@ def import_history(
             session.add(row)
             session.flush()
             for seq, message in enumerate(item.messages, start=1):
-                session.add(_message_row(store, conversation_id, message, seq))
+                message_row = _message_row(store, conversation_id, message, seq)
+                session.add(message_row)
+                searchable = searchable_text(message_row.content or [])
+                if searchable:
+                    session.add(
+                        SearchTextRow(conversation_id=conversation_id, seq=seq, text=searchable)
+                    )
                 if seq % 1_000 == 0:
                     session.flush()
             session.flush()

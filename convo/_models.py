@@ -81,6 +81,7 @@ Document = JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=Tr
 Content = JSON(none_as_null=True)
 #: Long text: MySQL's TEXT stops at 64 KiB.
 LongText = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+SearchText = Text().with_variant(mysql.LONGTEXT(collation="utf8mb4_unicode_ci"), "mysql", "mariadb")
 
 
 def utcnow() -> datetime:
@@ -209,3 +210,25 @@ class CalibrationRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
     __table_args__ = (_TABLE_OPTIONS,)
+
+
+class SearchTextRow(Base):
+    """The searchable text of one turn, indexed by the database's full-text search.
+
+    Kept when the turn is archived, so search covers the whole history. The
+    full-text index itself is dialect-specific and made by migration 0004:
+    an FTS5 table on SQLite, a GIN ``tsvector`` index on PostgreSQL, a
+    ``FULLTEXT`` index on MySQL/MariaDB.
+    """
+
+    __tablename__ = "convo_search"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("convo_conversations.id", ondelete="CASCADE")
+    )
+    seq: Mapped[int] = mapped_column(Integer)
+    #: Case-insensitive on MySQL/MariaDB, whose FULLTEXT follows the column's collation.
+    text: Mapped[str] = mapped_column(SearchText)
+
+    __table_args__ = (UniqueConstraint("conversation_id", "seq"), _TABLE_OPTIONS)

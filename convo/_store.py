@@ -39,12 +39,15 @@ from ._models import (
     CalibrationRow,
     ConversationRow,
     MessageRow,
+    SearchTextRow,
     SummaryRow,
     utcnow,
 )
 from ._pricing import PriceTable
 from ._ratelimit import RateLimiter
 from ._redaction import Redactor
+from ._search import SearchHit, searchable_text
+from ._search import search as run_search
 from ._summarizer import ClaudeSummarizer, Summarizer, SummaryResult, SummaryTurn
 from ._tokens import TiktokenCounter, TokenCounter, count_turn
 from ._usage import GROUPINGS, CallRecord, GroupBy, UsageReport, summarize
@@ -425,6 +428,20 @@ class ConversationStore:
                 yield Conversation(self, row)
             before = rows[-1].id
 
+    def search(
+        self, query: str, *, conversation_id: str | None = None, limit: int = 20
+    ) -> builtins.list[SearchHit]:
+        """Turns whose text has every word of ``query``, newest first, with snippets.
+
+        Covers the whole history (archived turns too), using the database's
+        own full-text index.
+        """
+        _check_positive("limit", limit)
+        with self._db.transaction() as session:
+            if conversation_id is not None:
+                self._row(session, conversation_id)
+            return run_search(session, query, conversation_id=conversation_id, limit=limit)
+
     def prune(self, *, older_than: timedelta, dry_run: bool = False) -> tuple[int, int]:
         """Delete whole conversations with no activity for ``older_than``.
 
@@ -501,7 +518,7 @@ class ConversationStore:
         """Delete a conversation with all its turns, archive blocks and summaries."""
         with self._db.transaction(write=True) as session:
             self._row(session, conversation_id, lock=True)
-            for table in (MessageRow, ArchiveBlockRow, SummaryRow):
+            for table in (SearchTextRow, MessageRow, ArchiveBlockRow, SummaryRow):
                 session.execute(delete(table).where(table.conversation_id == conversation_id))
             session.execute(delete(ConversationRow).where(ConversationRow.id == conversation_id))
 
@@ -588,6 +605,11 @@ class ConversationStore:
             created_at=now,
         )
         session.add(row)
+        searchable = searchable_text(turn.content)
+        if searchable:
+            session.add(
+                SearchTextRow(conversation_id=conversation.id, seq=row.seq, text=searchable)
+            )
         session.flush()
         return _message(row, turn.content), conversation
 

@@ -17,6 +17,8 @@ from sqlalchemy import Connection
 from convo._database import Database, resolve_url
 from convo._models import TABLE_PREFIX, VERSION_TABLE, Base
 
+FULL_TEXT_PREFIX = "convo_search_fts"
+
 config = context.config
 if config.config_file_name is not None and config.attributes.get("connection") is None:
     fileConfig(config.config_file_name, disable_existing_loggers=False)
@@ -24,6 +26,10 @@ if config.config_file_name is not None and config.attributes.get("connection") i
 
 def include_name(name: str | None, type_: str, parent_names: object) -> bool:
     # convo may share a database with its application: only its own tables.
+    # The full-text index objects (convo_search_fts*) are per dialect and made
+    # by hand in migration 0004, not from the models.
+    if name is not None and name.startswith(FULL_TEXT_PREFIX):
+        return False
     if type_ == "table":
         return name is not None and name.startswith(TABLE_PREFIX)
     return True

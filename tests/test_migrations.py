@@ -80,6 +80,8 @@ def test_upgrade_downgrade_every_step_and_upgrade_again_with_data(database_url: 
             assert kept not in {c.id for c in store.list()}
             (conv,) = store.list()
             assert [m.text for m in conv.history()] == ["hello 🌍", "hi", "bye"]
+            # Upgrading through 0004 indexed the archived turns for search too.
+            assert [(h.seq, h.role) for h in store.search("hello")] == [(1, "user")]
             assert conv.metadata == {"k": "v"}
     finally:
         database.close()
