@@ -591,8 +591,13 @@ def export_command(
         raise click.UsageError("say what to export: IDs, or --all (optionally --user/--since)")
     with _store(db_url) as store, click.open_file(output, "w", encoding="utf-8") as out:
         show_progress = output != "-" and sys.stderr.isatty()
+        total = (
+            sum(store.get(cid).message_count for cid in conversation_ids)
+            if conversation_ids
+            else store.message_total(user_id=user_id, since=_parse_since(since))
+        )
         with click.progressbar(
-            length=0,
+            length=total,
             label="exporting",
             file=sys.stderr,
             hidden=not show_progress,

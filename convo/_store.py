@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import URL, delete, select, update
+from sqlalchemy import URL, delete, func, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
@@ -441,6 +441,16 @@ class ConversationStore:
             if conversation_id is not None:
                 self._row(session, conversation_id)
             return run_search(session, query, conversation_id=conversation_id, limit=limit)
+
+    def message_total(self, *, user_id: str | None = None, since: datetime | None = None) -> int:
+        """How many turns the conversations chosen by these filters hold."""
+        query = select(func.coalesce(func.sum(ConversationRow.last_seq), 0))
+        if user_id is not None:
+            query = query.where(ConversationRow.user_id == user_id)
+        if since is not None:
+            query = query.where(ConversationRow.updated_at >= since)
+        with self._db.transaction() as session:
+            return int(session.scalar(query) or 0)
 
     def prune(self, *, older_than: timedelta, dry_run: bool = False) -> tuple[int, int]:
         """Delete whole conversations with no activity for ``older_than``.

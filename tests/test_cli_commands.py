@@ -244,3 +244,17 @@ def test_ctrl_c_stops_the_reply_not_the_chat(
     ]
     assert history[1].text.startswith("once upon a time")
     assert len(history[1].text) < len("once upon a time " * 200)
+
+
+def test_export_shows_progress_on_a_terminal_only(migrated_url: str, tmp_path: Path) -> None:
+    with ConversationStore(migrated_url) as store:
+        conv = store.create()
+        for i in range(3):
+            conv.add("user", f"turn {i}")
+        assert store.message_total() == 3
+        assert store.message_total(user_id="nobody") == 0
+    target = tmp_path / "out.jsonl"
+    code, out, err = run("export", "--all", "-o", str(target), "--db", migrated_url)
+    assert code == 0
+    assert err == ""  # not a terminal: no progress bar
+    assert len(target.read_text().splitlines()) == 4
