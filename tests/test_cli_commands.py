@@ -254,7 +254,7 @@ def test_export_shows_progress_on_a_terminal_only(migrated_url: str, tmp_path: P
         assert store.message_total() == 3
         assert store.message_total(user_id="nobody") == 0
     target = tmp_path / "out.jsonl"
-    code, out, err = run("export", "--all", "-o", str(target), "--db", migrated_url)
+    code, _, err = run("export", "--all", "-o", str(target), "--db", migrated_url)
     assert code == 0
     assert err == ""  # not a terminal: no progress bar
     assert len(target.read_text().splitlines()) == 4
