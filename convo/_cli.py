@@ -20,7 +20,7 @@ from . import _migrations
 from ._budget import DEFAULT_MAX_TOKENS
 from ._conversation import Conversation
 from ._database import ENV_DATABASE_URL, Database, mask, resolve_url
-from ._export import FORMATS, ON_CONFLICT, export_history, import_history
+from ._export import FORMATS, ON_CONFLICT, export_history, import_history, message_record
 from ._message import Message
 from ._store import ConversationStore
 from ._summarizer import ExtractiveSummarizer, SummaryTurn, transcript
@@ -192,18 +192,10 @@ def _emit_json(value: Any) -> None:
 
 
 def _message_json(message: Message) -> dict[str, Any]:
-    return {
-        "seq": message.seq,
-        "role": message.role,
-        "content": message.content,
-        "status": message.status,
-        "token_count": message.token_count,
-        "created_at": message.created_at.isoformat(),
-        "model": message.model,
-        "stop_reason": message.stop_reason,
-        "usage": message.usage,
-        "request_id": message.request_id,
-    }
+    """A turn as JSON: the export's message record."""
+    record = message_record(message)
+    del record["record"]
+    return record
 
 
 def _turn_text(message: Message) -> str:
