@@ -17,6 +17,7 @@ from convo import (
     APIError,
     ConversationBusy,
     ConversationStore,
+    InvalidInput,
     MissingAPIKey,
     StreamInterrupted,
 )
@@ -388,3 +389,46 @@ def test_default_model_is_current(monkeypatch: pytest.MonkeyPatch, migrated_url:
         assert store.create(model="claude-opus-5-5").effective_model == "claude-opus-5-5"
     with ConversationStore(migrated_url, model="claude-sonnet-4-6") as store:
         assert store.create().effective_model == "claude-sonnet-4-6"
+
+
+def test_record_accepts_a_dict_of_the_response_shape(store: ConversationStore) -> None:
+    conv = store.create()
+    conv.add("user", "hi")
+    conv.context()
+    message = conv.record(
+        {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-sonnet-5-5",
+            "content": [{"type": "text", "text": "hello from a dict"}],
+            "stop_reason": "end_turn",
+            "usage": {"input_tokens": 900, "output_tokens": 5},
+            "_request_id": "req_dict",
+        }
+    )
+    assert (message.text, message.request_id, message.usage) == (
+        "hello from a dict",
+        "req_dict",
+        {"input_tokens": 900, "output_tokens": 5},
+    )
+    with pytest.raises(InvalidInput, match=r"response\.role"):
+        conv.record({"role": "user", "content": []})
+    assert len(conv.history()) == 2
+
+
+def test_the_stores_concurrency_limit_holds_across_conversations(
+    migrated_url: str, fake_api: FakeMessagesAPI, api_client: anthropic.Anthropic
+) -> None:
+    fake_api.delay = 0.3
+    with ConversationStore(migrated_url, client=api_client, max_concurrent_requests=1) as store:
+        conversations = [store.create() for _ in range(3)]
+        started = time.monotonic()
+        threads = [threading.Thread(target=c.send, args=("hi",)) for c in conversations]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.monotonic() - started
+        assert all(len(c.history()) == 2 for c in conversations)
+    assert elapsed >= 0.9  # one request at a time, never three at once
