@@ -89,11 +89,18 @@ def summary_block(summary: SummaryPart) -> Block:
 
 
 def count_breakpoints(value: Any) -> int:
-    """``cache_control`` markers anywhere in a request part."""
+    """``cache_control`` markers in a request part: on blocks, and on blocks nested in lists.
+
+    Only lists are descended into (``content``, ``system``, ``tools``), not the
+    objects a block carries (a tool's ``input``, a ``source``), which keeps this
+    cheap on large tool inputs.
+    """
     if isinstance(value, dict):
-        return int("cache_control" in value) + sum(count_breakpoints(v) for v in value.values())
+        return int("cache_control" in value) + sum(
+            count_breakpoints(v) for v in value.values() if isinstance(v, list)
+        )
     if isinstance(value, list):
-        return sum(count_breakpoints(v) for v in value)
+        return sum(count_breakpoints(v) for v in value if isinstance(v, dict | list))
     return 0
 
 
