@@ -33,6 +33,9 @@ DEFAULT_MAX_TOKENS: Final = 4_096
 DEFAULT_FACTOR: Final = 1.35
 #: Weight of a new observation in the running factor.
 CALIBRATION_WEIGHT: Final = 0.3
+#: No tokenizer we know of counts more than twice cl100k: a turn whose raw count
+#: times this fits the budget fits whatever the calibration says.
+FACTOR_CEILING: Final = 2.0
 #: The factor used is the calibrated one plus this margin.
 CALIBRATION_MARGIN: Final = 0.03
 #: Observations on tiny requests say little (fixed overheads dominate).

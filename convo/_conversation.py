@@ -8,7 +8,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any, Final
 
-from ._budget import DEFAULT_MAX_TOKENS, effective_budget
+from ._budget import DEFAULT_MAX_TOKENS, FACTOR_CEILING, effective_budget
 from ._message import Message
 from ._models import ConversationRow
 from ._sending import ConversationStream
@@ -118,8 +118,11 @@ class Conversation:
     def _check_fits(self, turn_tokens: int, *, max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
         model = self.effective_model
         budget = self.budget(max_tokens=max_tokens)
+        raw = turn_tokens + self._system_tokens()
+        if raw * FACTOR_CEILING <= budget:
+            return  # fits by any plausible factor: no need to read the calibration
         calibration = self.store.calibration(model)
-        needed = calibration.scale(turn_tokens + self._system_tokens())
+        needed = calibration.scale(raw)
         if needed > budget:
             raise MessageTooLarge(
                 "content",
