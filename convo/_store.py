@@ -692,19 +692,30 @@ class ConversationStore:
     # -- the live window -------------------------------------------------------
 
     def live_state(self, conversation_id: str) -> LiveState:
-        """The conversation, its latest summary and its live turns, read together."""
+        """The conversation, its latest summary and its live turns, read together.
+
+        Only the columns the context engine uses are read: this runs before
+        every request, and its cost follows the live window, not the history.
+        """
         with self._db.transaction() as session:
             row = self._row(session, conversation_id)
-            summary_row = session.scalars(
-                select(SummaryRow)
+            summary_row = session.execute(
+                select(SummaryRow.text, SummaryRow.through_seq, SummaryRow.token_count)
                 .where(
                     SummaryRow.conversation_id == conversation_id,
                     SummaryRow.through_seq == row.archived_through_seq,
                 )
                 .limit(1)
             ).one_or_none()
-            rows = session.scalars(
-                select(MessageRow)
+            rows = session.execute(
+                select(
+                    MessageRow.seq,
+                    MessageRow.role,
+                    MessageRow.content,
+                    MessageRow.token_count,
+                    MessageRow.status,
+                    MessageRow.model,
+                )
                 .where(
                     MessageRow.conversation_id == conversation_id,
                     MessageRow.seq > row.archived_through_seq,
@@ -713,9 +724,10 @@ class ConversationStore:
             ).all()
         summary = None
         if summary_row is not None:
-            summary = SummaryPart(summary_row.text, summary_row.through_seq, 0)
-            tokens = self.count_text(summary_block(summary)["text"])
-            summary = SummaryPart(summary_row.text, summary_row.through_seq, tokens)
+            # Its token count (summary header included) was stored when it was made.
+            summary = SummaryPart(
+                summary_row.text, summary_row.through_seq, summary_row.token_count
+            )
         turns = [
             LiveTurn(r.seq, r.role, r.content or [], r.token_count, r.status, r.model) for r in rows
         ]
