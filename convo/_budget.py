@@ -10,8 +10,9 @@ cache_creation_input_tokens + cache_read_input_tokens``) over our raw count.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 #: Context windows (input + output tokens), from the model pages (late 2026).
 CONTEXT_WINDOWS: Final[dict[str, int]] = {
@@ -40,6 +41,14 @@ FACTOR_CEILING: Final = 2.0
 CALIBRATION_MARGIN: Final = 0.03
 #: Observations on tiny requests say little (fixed overheads dominate).
 MIN_CALIBRATION_TOKENS: Final = 200
+
+
+def reported_input_tokens(usage: Mapping[str, Any]) -> int:
+    """A request's whole input as the API reports it: uncached + cache write + cache read."""
+    return sum(
+        int(usage.get(key) or 0)
+        for key in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    )
 
 
 def context_window(model: str) -> int:

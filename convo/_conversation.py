@@ -8,7 +8,12 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any, Final
 
-from ._budget import DEFAULT_MAX_TOKENS, FACTOR_CEILING, effective_budget
+from ._budget import (
+    DEFAULT_MAX_TOKENS,
+    FACTOR_CEILING,
+    effective_budget,
+    reported_input_tokens,
+)
 from ._message import Message
 from ._models import ConversationRow
 from ._sending import ConversationStream
@@ -17,6 +22,7 @@ from ._store import (
     Compaction,
     ConversationStore,
     LiveState,
+    Turn,
     _check_metadata,
     _check_positive,
     _check_system,
@@ -322,16 +328,17 @@ class Conversation:
         from ._response import turn_from_response
 
         turn = turn_from_response(self.store, response, latency_ms=latency_ms)
+        window, self._last_window = self._last_window, None
+        return self._store_reply(turn, window)
+
+    def _store_reply(self, turn: Turn, window: ContextWindow | None) -> Message:
+        """Append an assistant turn; a complete reply to ``window`` also calibrates."""
         message, row = self.store.append(self.id, turn)
         self._load(row)
-        window, self._last_window = self._last_window, None
-        if window is not None and turn.usage:
-            usage = turn.usage
-            actual = sum(
-                int(usage.get(k) or 0)
-                for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+        if window is not None and turn.status == "complete" and turn.usage:
+            self.store.observe_usage(
+                window.params["model"], window.raw_tokens, reported_input_tokens(turn.usage)
             )
-            self.store.observe_usage(window.params["model"], window.raw_tokens, actual)
         return message
 
     def send(self, content: str | list[Any], **params: Any) -> Message:

@@ -38,7 +38,7 @@ logger = logging.getLogger("convo.api")
 _PARTIAL_KEEPS: Final = frozenset({"text"})
 
 
-def _input_tokens(usage: dict[str, Any] | None) -> dict[str, int]:
+def _usage_counts(usage: dict[str, Any] | None) -> dict[str, int]:
     usage = usage or {}
     return {
         key: int(usage.get(key) or 0)
@@ -61,7 +61,7 @@ def _log_call(
     error: BaseException | None = None,
 ) -> None:
     """One structured record per API call. Never headers, never keys."""
-    usage = _input_tokens(message.usage if message else None)
+    usage = _usage_counts(message.usage if message else None)
     request_id = message.request_id if message else getattr(error, "request_id", None)
     fields = {
         "conversation_id": conv.id,
@@ -159,19 +159,7 @@ class Sending:
                 latency_ms=latency_ms,
                 status=status,  # type: ignore[arg-type]
             )
-            message, row = self.store.append(self.conv.id, turn)
-            self.conv._load(row)
-            if status == "complete" and turn.usage:
-                usage = _input_tokens(turn.usage)
-                actual = (
-                    usage["input_tokens"]
-                    + usage["cache_creation_input_tokens"]
-                    + usage["cache_read_input_tokens"]
-                )
-                self.store.observe_usage(
-                    self.window.params["model"], self.window.raw_tokens, actual
-                )
-            return message
+            return self.conv._store_reply(turn, self.window)
         finally:
             self.store.release(self.conv.id, self.owner)
 
