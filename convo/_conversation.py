@@ -113,9 +113,6 @@ class Conversation:
         nothing is written then.
         """
         turn = self.store.make_turn(role, content)
-        if self.store.storage_redactor is not None:
-            blocks = self.store.storage_redactor.redact_blocks(turn.content)
-            turn = self.store.make_turn(role, blocks)
         self._check_fits(turn.token_count)
         message, row = self.store.append(self.id, turn)
         self._load(row)

@@ -46,7 +46,7 @@ def turn_from_response(
     if content is None:
         raise InvalidInput("response.content", "is missing: is this a Messages API response?")
     # A reply can be empty (e.g. it stopped at once): stored as it came.
-    blocks = normalize_content(content) if len(content) else []
+    blocks = store.for_storage(normalize_content(content)) if len(content) else []
     request_id = (
         response.get("_request_id") or response.get("request_id")
         if isinstance(response, Mapping)

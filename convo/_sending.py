@@ -130,9 +130,6 @@ class Sending:
         self.store = conv.store
         self.client = self.store.client  # MissingAPIKey before anything is written
         turn = self.store.make_turn("user", content)
-        if self.store.storage_redactor is not None:
-            blocks = self.store.storage_redactor.redact_blocks(turn.content)
-            turn = self.store.make_turn("user", blocks)
         max_tokens = params.get("max_tokens")
         conv._check_fits(turn.token_count, **({"max_tokens": max_tokens} if max_tokens else {}))
         self.user_message, row, self.owner = self.store.claim_and_append(conv.id, turn)

@@ -556,10 +556,18 @@ class ConversationStore:
         return self.token_counter.count(text)
 
     def make_turn(self, role: object, content: object, **fields: Any) -> Turn:
-        """Check and count a turn; :class:`InvalidMessage` names what is wrong."""
+        """Check, redact (``redact_storage``) and count a turn for storing.
+
+        :class:`InvalidMessage` names what is wrong.
+        """
         checked_role = validate_role(role)
-        blocks = normalize_content(content)
+        blocks = self.for_storage(normalize_content(content))
         return Turn(checked_role, blocks, self.count(blocks), **fields)
+
+    def for_storage(self, blocks: builtins.list[Block]) -> builtins.list[Block]:
+        """Blocks as they are stored: redacted if ``redact_storage`` is on."""
+        redactor = self.storage_redactor
+        return blocks if redactor is None else redactor.redact_blocks(blocks)
 
     def append(self, conversation_id: str, turn: Turn) -> tuple[Message, ConversationRow]:
         """Append ``turn`` as the conversation's next seq, atomically."""

@@ -367,8 +367,11 @@ def test_redaction_of_requests_and_of_storage(
         assert conv.history()[0].text == pii  # stored as written
     with ConversationStore(migrated_url, client=api_client, redact_storage=True) as store:
         conv = store.create()
-        conv.send(pii)
+        fake_api.queue_reply(Reply(text="Noted: bob@example.org"))
+        reply = conv.send(pii)
         assert conv.history()[0].text == "Mail me at [REDACTED:email]"
+        assert reply.text == "Noted: [REDACTED:email]"  # replies are stored redacted too
+        assert conv.history()[1].text == "Noted: [REDACTED:email]"
         conv.add("user", "card 4242 4242 4242 4242")
         assert conv.history()[-1].text == "card [REDACTED:card]"
 
