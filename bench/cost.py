@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c
 import anthropic
 
-from convo import DEFAULT_PRICES, ConversationStore, PriceTable
+from convo import DEFAULT_PRICES, ConversationStore, PriceTable, _recall
 from convo._summarizer import SUMMARIZER_SYSTEM
 from tests.fakeapi import FakeMessagesAPI, Reply
 
@@ -49,6 +49,9 @@ MAX_TOKENS = 1_024
 #: above both (the system prompt alone is ~2,400 fake tokens), so it changes nothing.
 MIN_CACHEABLE = 1_024
 EPHEMERAL = {"type": "ephemeral"}
+CONVO = "(c) convo conv.send() (default: recall on, after the last breakpoint)"
+CONVO_OFF = "(c) convo conv.send(), recall off"
+CONVO_B = "(c) convo, recall stored with the turn (option B, not shipped)"
 
 
 # -- the conversation's content ----------------------------------------------------------------
@@ -246,19 +249,108 @@ def run_manual(
 # -- strategy (c): convo -------------------------------------------------------------------
 
 
-def run_convo(client: anthropic.Anthropic, fake: FakeMessagesAPI, script: Script) -> Bill:
+@dataclass
+class RecallUse:
+    """What recall put into the requests of one run."""
+
+    requests: int = 0  # requests that carried recalled turns
+    tokens: int = 0  # their recall blocks' tokens (store's counter), all requests
+
+
+def run_convo(
+    client: anthropic.Anthropic,
+    fake: FakeMessagesAPI,
+    script: Script,
+    *,
+    recall: str = "off",
+    use: RecallUse | None = None,
+) -> Bill:
+    """(c); ``recall``: ``off``, ``A`` (convo's recall: a block after the last breakpoint,
+    new each request) or ``B`` (the same block stored in the user turn when it is sent,
+    so every later replay of that turn is byte-identical and read from the cache)."""
     start = len(fake.requests)
     fake.clear_cache()
+    use = use if use is not None else RecallUse()
     with (
         tempfile.TemporaryDirectory(prefix="convo-bench-") as tmp,
         ConversationStore(
-            f"sqlite:///{Path(tmp) / 'cost.db'}", client=client, token_budget=c.BUDGET
+            f"sqlite:///{Path(tmp) / 'cost.db'}",
+            client=client,
+            token_budget=c.BUDGET,
+            recall=recall == "A",
         ) as store,
     ):
         conv = store.create(system=script.system, model=c.MODEL)
         for user in script.users:
-            conv.send(user, max_tokens=MAX_TOKENS)
+            content: Any = user
+            if recall == "B":
+                block, tokens = _stored_recall(conv, user)
+                if block:
+                    content = [{"type": "text", "text": user}, {"type": "text", "text": block}]
+                    use.requests += 1
+                    use.tokens += tokens
+            conv.send(content, max_tokens=MAX_TOKENS)
+        if recall == "A":
+            for request in fake.requests[start:]:
+                if request.body is None or request.body.get("system") == SUMMARIZER_SYSTEM:
+                    continue
+                last = request.body["messages"][-1]["content"][-1]
+                if last.get("text", "").startswith(_recall.RECALL_HEADER):
+                    use.requests += 1
+                    use.tokens += store.count_text(last["text"])
     return bill(fake, start)
+
+
+def _stored_recall(conv: Any, user: str) -> tuple[str, int]:
+    """Option B's block for the next user turn: convo's own recall, looked up before it is
+    stored (every live turn is in the request then, so only archived turns qualify)."""
+    store = conv.store
+    state = store.live_state(conv.id)
+    budget = conv.budget(max_tokens=MAX_TOKENS)
+    factor = store.calibration(conv.effective_model).effective_factor
+    reserve = _recall.reserve(
+        enabled=True,
+        budget=budget,
+        share=store.recall_share,
+        factor=factor,
+        archived_through_seq=state.row.archived_through_seq,
+        live_tokens=sum(t.tokens for t in state.turns),
+        scope="conversation",
+        user_id=None,
+    )
+    turns = [*state.turns, _recall_probe(user, (state.turns[-1].seq if state.turns else 0) + 1)]
+    query = _recall.plan(
+        turns=turns,
+        conversation_id=conv.id,
+        user_id=None,
+        scope="conversation",
+        reserve=reserve,
+    )
+    if query is None:
+        return "", 0
+    hits = store.recall_for(query, _recall.REQUEST_K)
+    _, block, tokens = _recall.select(
+        hits, query, first_seq=query.exclude_from_seq, count_text=store.count_text
+    )
+    return block, tokens
+
+
+def _recall_probe(text: str, seq: int) -> Any:
+    from convo._window import LiveTurn
+
+    return LiveTurn(seq=seq, role="user", content=[{"type": "text", "text": text}], tokens=0)
+
+
+def _cache_share(requests: list[Any]) -> float:
+    """The share of conversation requests (not summaries) that read the cache."""
+    sent = [
+        r
+        for r in requests
+        if r.usage is not None
+        and r.path == "/v1/messages"
+        and r.body.get("system") != SUMMARIZER_SYSTEM
+    ]
+    return sum(1 for r in sent if r.usage["cache_read_input_tokens"] > 0) / max(1, len(sent))
 
 
 # -- report --------------------------------------------------------------------------------
@@ -281,8 +373,20 @@ def main() -> None:
         system_tokens = fake.count_request_tokens(
             {"model": c.MODEL, "system": script.system, "messages": []}
         )
+        uses = {"A": RecallUse(), "B": RecallUse()}
         strategies: list[tuple[str, Callable[[], Bill]]] = [
-            ("(c) convo conv.send()", lambda: run_convo(client, fake, script)),
+            (
+                CONVO_OFF,
+                lambda: run_convo(client, fake, script, recall="off"),
+            ),
+            (
+                CONVO,
+                lambda: run_convo(client, fake, script, recall="A", use=uses["A"]),
+            ),
+            (
+                CONVO_B,
+                lambda: run_convo(client, fake, script, recall="B", use=uses["B"]),
+            ),
         ]
         for trim, cache, label in [
             (False, "none", "(a) full history, no cache"),
@@ -298,10 +402,13 @@ def main() -> None:
                     lambda t=trim, k=cache: run_manual(client, fake, script, trim=t, cache=k),
                 )
             )
-        strategies.append(strategies.pop(0))
+        strategies.extend([strategies.pop(0), strategies.pop(0), strategies.pop(0)])
+        fake_requests: dict[str, list[Any]] = {}
         for name, fn in strategies:
             started = time.perf_counter()
+            first_request = len(fake.requests)
             results[name] = fn()
+            fake_requests[name] = fake.requests[first_request:]
             r = results[name]
             print(
                 f"{name}: ${r.dollars:.4f} ({r.requests} requests, "
@@ -313,7 +420,7 @@ def main() -> None:
     )
     full_name = min((n for n in results if n.startswith("(a)")), key=lambda n: results[n].dollars)
     base = results[baseline_name]
-    convo = results["(c) convo conv.send()"]
+    convo = results[CONVO]
     rows = []
     for name, r in results.items():
         rows.append(
@@ -358,12 +465,23 @@ def main() -> None:
         f"({ratio_input:.0%} of its input dollars; {versus_full:.0%} of the cheapest "
         f"full-history run). Target <= 40%: **{'met' if ratio <= 0.4 else 'MISSED'}**."
     )
+    off = results[CONVO_OFF]
+    recall_lines = []
+    for name, key in ((CONVO, "A"), (CONVO_B, "B")):
+        r, u = results[name], uses[key]
+        recall_lines.append(
+            f"{name}: ${r.dollars:.3f}, {r.dollars / off.dollars - 1:+.1%} vs recall off; "
+            f"cache reads in {_cache_share(fake_requests[name]):.0%} of requests "
+            f"(recall off: {_cache_share(fake_requests[CONVO_OFF]):.0%}); recalled turns in "
+            f"{u.requests} of {turns} requests, {u.tokens:,} tokens in all"
+        )
     price = DEFAULT_PRICES[c.MODEL]
     print()
     print(result_table)
     print()
     print(verdict)
     print(summaries)
+    print("\n".join(recall_lines))
     if args.record:
         largest_full = results[full_name].largest_request
         growth = (largest_full - system_tokens) / turns
@@ -386,6 +504,13 @@ def main() -> None:
                 verdict,
                 "",
                 f"- {summaries}",
+                "- Recall (issue 9): the same run with recall off, on (convo's default: the "
+                "recalled turns ride in a text block after the last cache breakpoint, new each "
+                "request), and with the block stored in the user turn instead (option B: cached "
+                "on later replays, but it stays in the live turns until compacted). The "
+                "generated chat repeats its vocabulary, so nearly every turn recalls "
+                "something: an upper bound on what recall adds.",
+                *(f"  - {line}" for line in recall_lines),
                 "- *billed input tokens* = uncached input + cache writes + cache reads; *input $* "
                 "leaves out output tokens (the same replies in every strategy, plus convo's "
                 "summaries). *vs baseline, reads 0.1x* prices Sonnet 5.5 cache reads at $0.20/M "

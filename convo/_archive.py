@@ -40,7 +40,7 @@ class PackedBlock:
     raw_bytes: int  # size of the json
 
 
-def _json(turns: Sequence[ArchivedTurn]) -> bytes:
+def encode(turns: Sequence[ArchivedTurn]) -> bytes:
     document = [{"seq": t.seq, "role": t.role, "content": t.content} for t in turns]
     return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
 
@@ -52,7 +52,7 @@ def pack(turns: Sequence[ArchivedTurn]) -> PackedBlock:
     seqs = [t.seq for t in turns]
     if seqs != list(range(seqs[0], seqs[0] + len(seqs))):
         raise ValueError(f"archive block turns must be consecutive, got {seqs}")
-    raw = _json(turns)
+    raw = encode(turns)
     return PackedBlock(
         first_seq=seqs[0],
         last_seq=seqs[-1],
@@ -60,6 +60,26 @@ def pack(turns: Sequence[ArchivedTurn]) -> PackedBlock:
         checksum=hashlib.sha256(raw).hexdigest(),
         raw_bytes=len(raw),
     )
+
+
+def pack_bounded(
+    turns: Sequence[ArchivedTurn], *, max_turns: int, max_bytes: int
+) -> list[PackedBlock]:
+    """Pack consecutive turns into blocks of at most ``max_turns`` turns and
+    ``max_bytes`` bytes of JSON each (a bigger single turn is a block alone)."""
+    blocks: list[PackedBlock] = []
+    group: list[ArchivedTurn] = []
+    size = 0
+    for turn in turns:
+        turn_bytes = len(encode([turn]))
+        if group and (len(group) >= max_turns or size + turn_bytes > max_bytes):
+            blocks.append(pack(group))
+            group, size = [], 0
+        group.append(turn)
+        size += turn_bytes
+    if group:
+        blocks.append(pack(group))
+    return blocks
 
 
 def unpack(

@@ -13,7 +13,8 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, Literal
 
-from .errors import InvalidMessage
+from ._validate import json_copy
+from .errors import InvalidInput, InvalidMessage
 
 Role = Literal["user", "assistant"]
 Block = dict[str, Any]
@@ -79,6 +80,46 @@ def _check_block(block: Block, field: str) -> None:
     # to judge; convo stores them as they are.
 
 
+#: Block types only the assistant writes, and only the user.
+_ASSISTANT_ONLY: Final = frozenset(
+    {"tool_use", "server_tool_use", "thinking", "redacted_thinking", "mcp_tool_use"}
+)
+_USER_ONLY: Final = frozenset({"tool_result"})
+
+
+def check_placement(role: str, blocks: list[Block]) -> None:
+    """Reject blocks the API refuses in a turn of this role (every later request would fail)."""
+    wrong = _ASSISTANT_ONLY if role == "user" else _USER_ONLY
+    for index, block in enumerate(blocks):
+        if block.get("type") in wrong:
+            other = "assistant" if role == "user" else "user"
+            raise InvalidMessage(
+                f"content[{index}].type",
+                f"a {block['type']} block cannot be in a {role!r} turn (only in {other!r} "
+                "turns); the API would reject every later request",
+            )
+
+
+def lone_surrogate(text: str) -> int | None:
+    """The index of the first lone surrogate in ``text`` (not valid UTF-8), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def check_unicode(field: str, text: str, error: type[InvalidInput] = InvalidMessage) -> None:
+    """Reject text that cannot be stored or sent as UTF-8 (lone surrogates, bad input bytes)."""
+    where = lone_surrogate(text)
+    if where is not None:
+        raise error(
+            field,
+            f"is not valid Unicode text: U+{ord(text[where]):04X} at character {where} is a "
+            "lone surrogate (often undecodable bytes from a terminal or file)",
+        )
+
+
 def normalize_content(content: object) -> list[Block]:
     """Check ``content`` and return it as a fresh list of content blocks.
 
@@ -87,6 +128,7 @@ def normalize_content(content: object) -> list[Block]:
     if isinstance(content, str):
         if not content.strip():
             raise InvalidMessage("content", "must contain non-whitespace text")
+        check_unicode("content", content)
         return [{"type": "text", "text": content}]
     if isinstance(content, Mapping) or not isinstance(content, Iterable):
         raise InvalidMessage(
@@ -97,12 +139,12 @@ def normalize_content(content: object) -> list[Block]:
         raise InvalidMessage("content", "must not be an empty list")
     for index, block in enumerate(blocks):
         _check_block(block, f"content[{index}]")
-    try:
-        # Stored as JSON: catch what cannot be (sets, bytes, NaN) before writing,
-        # and keep a deep copy so later changes to the caller's dicts change nothing.
-        copied: list[Block] = json.loads(json.dumps(blocks, allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise InvalidMessage("content", f"is not JSON-serialisable: {exc}") from None
+    # Stored as JSON: catch what cannot be (sets, bytes, NaN, runaway nesting) before
+    # writing, and keep a deep copy so later changes to the caller's dicts change nothing.
+    copied: list[Block] = json_copy(blocks, "content", error=InvalidMessage)
+    if lone_surrogate(json.dumps(copied, ensure_ascii=False)) is not None:
+        for index, block in enumerate(copied):
+            check_unicode(f"content[{index}]", json.dumps(block, ensure_ascii=False))
     return copied
 
 

@@ -3,40 +3,55 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Final
 
+from sqlalchemy import exc as sa_exc
+
+from . import _compaction, _recall
 from ._budget import (
     DEFAULT_MAX_TOKENS,
     FACTOR_CEILING,
+    Calibration,
     effective_budget,
     reported_input_tokens,
 )
+from ._editing import check_edit, deletion_span, regeneration_span
 from ._message import Message
 from ._models import ConversationRow
-from ._sending import ConversationStream
+from ._sending import ConversationStream, check_request_params
 from ._sending import send as send_turn
 from ._store import (
     Compaction,
     ConversationStore,
     LiveState,
     Turn,
-    _check_metadata,
-    _check_positive,
-    _check_system,
     _check_text,
+    check_key,
 )
+from ._summarizer import ExtractiveSummarizer
+from ._tokens import media_tokens
 from ._window import (
     ContextWindow,
+    LiveTurn,
+    SummaryPart,
+    as_sent,
     assemble,
     count_breakpoints,
     json_tokens_text,
-    plan_compaction,
+    summary_block,
     system_blocks,
 )
-from .errors import ContextTooLarge, InvalidInput, MessageTooLarge, SummarizerFailed
+from .errors import (
+    ContextTooLarge,
+    DatabaseError,
+    InvalidInput,
+    InvalidMessage,
+    MessageTooLarge,
+    SummarizerFailed,
+)
 
 __all__ = ["Conversation"]
 
@@ -44,8 +59,6 @@ logger = logging.getLogger("convo")
 
 #: Request parameters that take part in the prompt and so in the budget.
 _PROMPT_PARAMS: Final = ("tools", "tool_choice", "output_config", "mcp_servers")
-#: Parameters convo sets itself from the conversation.
-_OWN_PARAMS: Final = ("messages", "system", "model")
 
 
 class _Unset:
@@ -104,28 +117,83 @@ class Conversation:
 
     # -- turns ------------------------------------------------------------------
 
-    def add(self, role: str, content: str | list[Any]) -> Message:
+    def add(
+        self,
+        role: str,
+        content: str | list[Any],
+        *,
+        model: str | None = None,
+        key: str | None = None,
+    ) -> Message:
         """Append a turn without calling the API and return it as stored.
 
         ``content`` is a string or a list of Messages API content blocks (dicts
-        or SDK objects). Raises :class:`InvalidMessage` naming the bad field,
-        or :class:`MessageTooLarge` if the turn could never fit in a request;
+        or SDK objects). ``model`` is the model that wrote an assistant turn:
+        its thinking blocks are sent back to that model only (a snapshot id
+        counts as its alias). An assistant turn with thinking blocks and no
+        ``model`` is recorded as written by the conversation's model. Raises
+        :class:`InvalidMessage` naming the bad field, or
+        :class:`MessageTooLarge` if the turn could never fit in a request;
         nothing is written then.
+
+        ``key`` is an idempotency key (up to 100 characters, unique within the
+        conversation): if a turn with this key is already stored (say the
+        first attempt's commit was lost with the connection), that turn is
+        returned and nothing is written.
         """
-        turn = self.store.make_turn(role, content)
-        self._check_fits(turn.token_count)
+        turn = self._checked_turn(role, content, model, key)
         message, row = self.store.append(self.id, turn)
         self._load(row)
         return message
 
-    def _check_fits(self, turn_tokens: int, *, max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
+    def _checked_turn(
+        self, role: object, content: object, model: object, key: object = None
+    ) -> Turn:
+        """A turn checked, redacted and counted as ``add`` stores it; writes nothing."""
+        checked = _check_text("model", model, 100)
+        if checked is not None and role != "assistant":
+            raise InvalidInput("model", "is recorded for assistant turns only")
+        turn = self.store.make_turn(role, content, model=checked, key=check_key(key))
+        turn = _with_writer(turn, self.effective_model)
+        self._check_fits(turn)
+        return turn
+
+    def extend(self, turns: Iterable[Any]) -> list[Message]:
+        """Append many turns in one transaction and return them as stored.
+
+        ``turns`` holds ``(role, content)`` pairs or ``{"role", "content"}``
+        dicts (which may add ``"model"``, as ``add(model=)``). Each is checked
+        exactly as :meth:`add` checks one (the same errors, their field
+        prefixed with ``turns[i].``) before anything is written; a bad turn
+        anywhere means nothing is stored. The turns get
+        consecutive seqs. No compaction runs here: the next ``window()`` or
+        ``compact()`` does it.
+        """
+        checked = []
+        for index, item in enumerate(turns):
+            try:
+                turn = self._checked_turn(*_turn_fields(item))
+            except InvalidInput as exc:
+                raise type(exc)(f"turns[{index}].{exc.field}", exc.problem) from None
+            checked.append(turn)
+        if not checked:
+            return []
+        messages, row = self.store.append_many(self.id, checked)
+        self._load(row)
+        return messages
+
+    def _check_fits(self, turn: Turn, *, max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
+        """Raise :class:`MessageTooLarge` if ``turn`` could not fit in any request.
+
+        Its image and PDF estimates are the API's own tokens: they are not scaled.
+        """
         model = self.effective_model
         budget = self.budget(max_tokens=max_tokens)
-        raw = turn_tokens + self._system_tokens()
+        raw = turn.token_count + self._system_tokens()
         if raw * FACTOR_CEILING <= budget:
             return  # fits by any plausible factor: no need to read the calibration
         calibration = self.store.calibration(model)
-        needed = calibration.scale(raw)
+        needed = calibration.scale(raw, media_tokens(turn.content))
         if needed > budget:
             raise MessageTooLarge(
                 "content",
@@ -141,6 +209,52 @@ class Conversation:
         """Every turn, in order, read in batches: for very long conversations."""
         return self.store.history(self.id)
 
+    def edit(self, seq: int, content: str | list[Any]) -> Message:
+        """Replace the content of live turn ``seq`` (same role) and return it as stored.
+
+        Archived turns cannot change (their block is checksummed and the summary
+        was written from them). A turn's ``tool_use``/``tool_result`` ids must stay
+        as they were, so the history stays valid. Raises :class:`InvalidInput`
+        (nothing written) otherwise, :class:`ConversationBusy` during a send.
+        """
+        state = self.store.live_state(self.id)
+        turn = self.store.make_turn(_role_of(state, seq), content)
+        check_edit(state.turns, seq, state.row.archived_through_seq, turn.content)
+        self._check_fits(turn)
+        self._load(self.store.replace_turn(self.id, seq, turn))
+        return next(self.store.history(self.id, after=seq - 1))
+
+    def delete_turn(self, seq: int) -> list[int]:
+        """Delete live turn ``seq`` (with its tool partner, if any); later turns are renumbered.
+
+        Returns the seqs that were deleted (numbered as they were before). A
+        ``tool_use`` turn and the ``tool_result`` turn answering it go together.
+        """
+        state = self.store.live_state(self.id)
+        span = deletion_span(state.turns, seq, state.row.archived_through_seq)
+        self._load(self.store.delete_turns(self.id, span))
+        return list(span)
+
+    def regenerate(self, **params: Any) -> Message:
+        """Take back the last reply and send the user turn it answered again.
+
+        The old reply (and any assistant turns after that user turn) is deleted
+        first; the user turn is stored again and sent as by :meth:`send`.
+        """
+        return self.send(self._take_back_last_exchange(), **params)
+
+    def regenerate_stream(self, **params: Any) -> ConversationStream:
+        """:meth:`regenerate`, streaming the new reply like :meth:`stream`."""
+        return self.stream(self._take_back_last_exchange(), **params)
+
+    def _take_back_last_exchange(self) -> list[Any]:
+        state = self.store.live_state(self.id)
+        span = regeneration_span(state.turns, state.row.archived_through_seq)
+        self.store.client  # noqa: B018 - MissingAPIKey before anything is deleted
+        content = next(t.content for t in state.turns if t.seq == span[0])
+        self._load(self.store.delete_turns(self.id, span))
+        return content
+
     def update(
         self,
         *,
@@ -151,17 +265,16 @@ class Conversation:
         token_budget: int | _Unset | None = UNSET,
     ) -> Conversation:
         """Change the given attributes (``metadata`` is replaced whole)."""
-        changes: dict[str, Any] = {}
-        if not isinstance(title, _Unset):
-            changes["title"] = _check_text("title", title, 500)
-        if not isinstance(metadata, _Unset):
-            changes["metadata_"] = _check_metadata(metadata)
-        if not isinstance(model, _Unset):
-            changes["model"] = _check_text("model", model, 100)
-        if not isinstance(system, _Unset):
-            changes["system"] = _check_system(system)
-        if not isinstance(token_budget, _Unset):
-            changes["token_budget"] = _check_positive("token_budget", token_budget)
+        given = {
+            "title": title,
+            "metadata": metadata,
+            "model": model,
+            "system": system,
+            "token_budget": token_budget,
+        }
+        changes = self.store.conversation_columns(
+            {name: value for name, value in given.items() if not isinstance(value, _Unset)}
+        )
         if changes:
             self._load(self.store.update_conversation(self.id, changes))
         return self
@@ -183,17 +296,17 @@ class Conversation:
     def window(self, *, compact: bool = True, **params: Any) -> ContextWindow:
         """The next request's context window, with its token accounting.
 
-        With ``compact`` (the default), compacts first if the live turns would
-        pass the budget; a summarizer failure is logged and noted in the
-        window, whose oldest live turns are then left out of the request
-        (they stay stored). ``params`` are the other request parameters
-        (``max_tokens``, ``tools``, ...), which count against the budget.
+        Reads only what the request can carry: the newest live turns, newest
+        first, until the budget is filled (its cost does not grow with the
+        history or a backlog). With ``compact`` (the default), when turns
+        must go it archives at most one chunk of the oldest live turns first
+        (see ``convo._compaction``); live turns not archived yet are left out
+        of the request (they stay stored) and the window's notes say so, as
+        they say when a summary failed. ``params`` are the other request
+        parameters (``max_tokens``, ``tools``, ...), which count against the
+        budget.
         """
-        for name in _OWN_PARAMS:
-            if name in params:
-                raise InvalidInput(name, "is set by convo from the conversation; do not pass it")
-        max_tokens = params.get("max_tokens", DEFAULT_MAX_TOKENS)
-        _check_positive("max_tokens", max_tokens)
+        max_tokens = check_request_params(params)
         model = self.effective_model
         budget = self.budget(max_tokens=max_tokens)
         calibration = self.store.calibration(model)
@@ -201,36 +314,99 @@ class Conversation:
         extra_tokens = (
             self.store.count_text(json_tokens_text(prompt_params)) if prompt_params else 0
         )
+        # A top-level cache_control (automatic caching) is a breakpoint too.
+        automatic = params.get("cache_control")
         notes: list[str] = []
-        state = self.store.live_state(self.id)
-        self._load(state.row)
-        if compact:
-            done = self._maybe_compact(state, budget, calibration.effective_factor, extra_tokens)
-            if isinstance(done, str):
-                notes.append(done)
-            elif done is not None:
+        factor = calibration.effective_factor
+        row, summary, plan = self._plan(budget, factor, extra_tokens)
+        reserved = self._recall_reserve(row, plan, budget, factor)
+        if reserved:
+            row, summary, plan = self._plan(budget, factor, extra_tokens + reserved)
+        if compact and plan.start_seq > row.archived_through_seq + 1:
+            done, note = self._compact_chunk(row, summary, plan.start_seq, plan.budget_raw)
+            if note:
+                notes.append(note)
+            if done is not None:
                 notes.append(f"compacted turns {done.first_seq}-{done.last_seq}")
-                state = self.store.live_state(self.id)
-                self._load(state.row)
-        for _attempt in range(3):
+                row, summary, plan = self._plan(budget, factor, extra_tokens + reserved)
+                again = self._recall_reserve(row, plan, budget, factor)
+                if again != reserved:
+                    reserved = again
+                    row, summary, plan = self._plan(budget, factor, extra_tokens + reserved)
+        if compact and plan.start_seq > max(row.window_start_seq, row.archived_through_seq + 1):
+            self.store.set_compaction_state(self.id, window_start_seq=plan.start_seq)
+        backlog = range(row.archived_through_seq + 1, plan.start_seq)
+        if backlog:
+            notes.append(
+                f"turns {backlog[0]}-{backlog[-1]} are not archived yet and are left out of "
+                f"this request (stored; `conv.compact()` or `convo compact {self.id}` "
+                "archives them now)"
+            )
+        system_tokens = self._system_tokens()
+        omitted_from = backlog.start if backlog else None
+        recall = self._recall_query(plan.turns, reserved)
+        hits: list[_recall.RecallHit] | None = None
+        for _attempt in range(4):
             window = assemble(
                 model=model,
                 system=self.system,
-                summary=state.summary,
-                turns=state.turns,
+                summary=summary,
+                turns=plan.turns,
                 budget=budget,
                 calibration=calibration,
-                system_tokens=self._system_tokens(),
-                extra_tokens=extra_tokens,
+                system_tokens=system_tokens,
+                counter=self.store.cached_counter,
+                extra_tokens=extra_tokens + reserved,
                 user_breakpoints=count_breakpoints(prompt_params) + count_breakpoints(self.system),
+                cache_control=automatic if isinstance(automatic, dict) else None,
                 notes=notes,
+                omitted_from=omitted_from,
+            )
+            if window.estimated_tokens > budget and summary is not None:
+                # The summary never makes a request fail: cut it to what fits.
+                summary = self._fitted_summary(
+                    summary, plan.turns, budget, calibration.effective_factor, extra_tokens
+                )
+                notes.append(
+                    "the summary was cut to fit this request"
+                    if summary is not None
+                    else "the summary was left out: it did not fit with the newest exchange"
+                )
+                continue
+            resent = _compaction.after_failed_turns(plan.turns)
+            if window.estimated_tokens > budget and resent:
+                # Failed user turns go with the next one while they fit; when
+                # they cannot, they are left out loudly (stored, listed, logged).
+                left = plan.turns[:resent]
+                plan = replace(plan, turns=plan.turns[resent:])
+                omitted_from = omitted_from or left[0].seq
+                note = (
+                    f"turns {left[0].seq}-{left[-1].seq} (ending with a user turn whose call "
+                    "failed) do not fit together with the newest turn and are left out of "
+                    "this request; they stay stored"
+                )
+                notes.append(note)
+                logger.warning(
+                    "conversation %s: %s", self.id, note, extra={"conversation_id": self.id}
+                )
+                continue
+            if hits is None:
+                hits = self._recall_hits(recall, window)
+            window = _recall.fill(
+                window,
+                recall,
+                hits,
+                reserved=reserved,
+                count_text=self.store.count_text,
+                calibration=calibration,
             )
             if not self.store.exact_token_counts:
                 break
             # Exact mode: the API's own count, which also calibrates; if it says
             # the window is over budget, lay it out again with what it taught us.
             exact = self._count_exactly(window.params, prompt_params)
-            calibration = self.store.observe_usage(model, window.raw_tokens, exact)
+            if window.calibrates:
+                calibration = self._calibrate(model, window.raw_tokens, exact) or calibration
             window = replace(window, estimated_tokens=exact)
             if exact <= budget:
                 break
@@ -246,7 +422,8 @@ class Conversation:
             raise ContextTooLarge(
                 f"conversation {self.id}: its newest exchange (turns {window.first_seq}-"
                 f"{window.last_seq}) needs about {window.estimated_tokens:,} input tokens, more "
-                f"than the budget of {budget:,}; nothing was sent"
+                f"than the budget of {budget:,}; nothing was sent (the turns stay stored, and a "
+                "user turn is sent again with the next one)"
             )
         params_out: dict[str, Any] = {**window.params, "max_tokens": max_tokens}
         params_out.update({k: v for k, v in params.items() if k != "max_tokens"})
@@ -254,34 +431,237 @@ class Conversation:
         self._last_window = window
         return window
 
+    def _recall_reserve(self, row: ConversationRow, plan: _Plan, budget: int, factor: float) -> int:
+        # Every live turn is in the request only if it starts at the first live turn.
+        live = sum(t.tokens for t in plan.turns)
+        if plan.start_seq > row.archived_through_seq + 1:
+            live += budget  # some live turns are left out
+        return _recall.reserve(
+            enabled=self.store.recall_enabled,
+            budget=budget,
+            share=self.store.recall_share,
+            factor=factor,
+            archived_through_seq=row.archived_through_seq,
+            live_tokens=live,
+            scope=self.store.recall_scope,
+            user_id=self.user_id,
+        )
+
+    def _recall_query(self, turns: list[LiveTurn], reserved: int) -> _recall.RecallQuery | None:
+        return _recall.plan(
+            turns=turns,
+            conversation_id=self.id,
+            user_id=self.user_id,
+            scope=self.store.recall_scope,
+            reserve=reserved,
+        )
+
+    def _recall_hits(
+        self, recall: _recall.RecallQuery | None, window: ContextWindow
+    ) -> list[_recall.RecallHit]:
+        """The lookup's hits; a failure is logged and the request goes without recall."""
+        if recall is None:
+            return []
+        try:
+            return self.store.recall_for(recall.outside(window), _recall.REQUEST_K)
+        except Exception as exc:  # recall is a help: it must never fail a send
+            logger.warning(
+                "conversation %s: recall failed, the request goes without it: %s",
+                self.id,
+                exc,
+                extra={"conversation_id": self.id},
+            )
+            return []
+
+    def recall(self, query: str, k: int = _recall.DEFAULT_K) -> list[_recall.RecallHit]:
+        """The ``k`` turns of this conversation most relevant to ``query``, best first.
+
+        See :meth:`ConversationStore.recall`.
+        """
+        return self.store.recall(query, conversation_id=self.id, k=k)
+
     def _count_exactly(self, request: dict[str, Any], prompt_params: dict[str, Any]) -> int:
         fields = {k: v for k, v in prompt_params.items() if k in ("tools", "tool_choice")}
-        counted = self.store.client.messages.count_tokens(**request, **fields)
+        # What is counted is what would be sent (redacted if redact_requests is on),
+        # under the store's rate limits.
+        outbound = self.store.outbound(request)
+        counted = self.store.limited_client.messages.count_tokens(**outbound, **fields)
         return int(counted.input_tokens)
 
-    def _maybe_compact(
+    def _plan(
+        self, budget: int, factor: float, extra_tokens: int, *, force: bool = False
+    ) -> tuple[ConversationRow, SummaryPart | None, _Plan]:
+        """The conversation, its summary, and where the request starts with its turns.
+
+        One read: the newest live turns, newest first, only as many as can be
+        sent (with ``force``: back to the newest exchange's start).
+        """
+        limits: dict[str, int] = {}
+
+        def reader(
+            row: ConversationRow, summary: SummaryPart | None
+        ) -> tuple[int, Callable[[list[LiveTurn]], bool]]:
+            fixed = self._system_tokens() + (summary.tokens if summary else 0) + extra_tokens
+            available = int(budget / factor) - fixed
+            limits["available"] = available
+            limits["low_water"] = int(budget * self.store.low_water / factor) - fixed
+            floor = row.archived_through_seq + 1
+            if force:
+                return floor, _compaction.has_start
+            start = max(floor, row.window_start_seq)
+            return start, lambda turns: _compaction.tail_is_enough(turns, available)
+
+        row, summary, tail, reached = self.store.live_window(self.id, reader)
+        self._load(row)
+        if force:
+            index = _compaction.newest_exchange(tail)
+        else:
+            # Planned on the turns as they would be sent: old tool results
+            # cleared first (a long tool loop moves the start only when clearing
+            # is not enough), and room made for what rendering adds.
+            sent, added = as_sent(
+                tail,
+                model=self.effective_model,
+                budget=budget,
+                available=limits["available"],
+                low_water=limits["low_water"],
+                counter=self.store.cached_counter,
+            )
+            index = _compaction.choose_start(
+                sent,
+                reached_start=reached,
+                available=limits["available"] - added,
+                low_water=limits["low_water"] - added,
+            )
+        kept = tail[index:]
+        start_seq = kept[0].seq if kept else row.last_seq + 1
+        return row, summary, _Plan(start_seq, kept, int(budget / factor))
+
+    def _fitted_summary(
         self,
-        state: LiveState,
+        summary: SummaryPart,
+        turns: list[LiveTurn],
         budget: int,
         factor: float,
         extra_tokens: int,
+    ) -> SummaryPart | None:
+        newest = turns[_compaction.newest_exchange(turns) :]
+        room = (
+            int(budget / factor)
+            - self._system_tokens()
+            - extra_tokens
+            - sum(t.tokens for t in newest)
+        )
+        header = self.store.count_text(
+            summary_block(SummaryPart("", summary.through_seq, 0))["text"]
+        )
+        text = _compaction.clip_text(summary.text, room - header, self.store.count_text)
+        if not text:
+            return None
+        tokens = self.store.count_text(
+            summary_block(SummaryPart(text, summary.through_seq, 0))["text"]
+        )
+        return SummaryPart(text, summary.through_seq, tokens)
+
+    def _compact_chunk(
+        self,
+        row: ConversationRow,
+        summary: SummaryPart | None,
+        until_seq: int,
+        budget_raw: int,
         *,
         force: bool = False,
-    ) -> Compaction | str | None:
-        fixed = (
-            self._system_tokens() + (state.summary.tokens if state.summary else 0) + extra_tokens
+    ) -> tuple[Compaction | None, str | None]:
+        """Archive the next chunk of live turns before ``until_seq``: at most one
+        summarizer request's worth. Returns what was done and a note for the window."""
+        store = self.store
+        backoff = _compaction.Backoff(row.compaction_failures, row.compaction_retry_at)
+        now = _compaction.now()
+        attempt = "primary" if force else backoff.attempt(now)
+        fallback = store.summarizer_fallback
+        if fallback is None and (attempt == "fallback" or backoff.failed(now).falls_back):
+            fallback = ExtractiveSummarizer()
+        if attempt == "wait" and fallback is None:
+            return None, (
+                f"compaction waits: the summarizer failed {backoff.failures} time(s) in a row; "
+                f"next try after {backoff.retry_at:%Y-%m-%d %H:%M:%S} UTC"
+                if backoff.retry_at
+                else "compaction waits"
+            )
+        floor = row.archived_through_seq + 1
+        allowance = _compaction.chunk_allowance(
+            store.summarizer_input_tokens, summary.tokens if summary else 0
         )
-        available = int(budget / factor) - fixed
-        low_water = int(budget * self.store.low_water / factor) - fixed
-        count = plan_compaction(state.turns, available=available, low_water=low_water, force=force)
-        if not count:
-            return None
+        turns, reached = store.live_turns(
+            self.id,
+            first_seq=floor,
+            last_seq=until_seq - 1,
+            newest_first=False,
+            enough=lambda head: _compaction.chunk_is_enough(head, allowance),
+        )
+        count = _compaction.next_chunk(turns, allowance=allowance, reached_end=reached)
+        chunk = turns[:count]
+        if not chunk:
+            return None, None
+        previous = summary.text if summary else None
+        if previous and store.request_redactor is not None:
+            # A summarizer's request leaves like any other: redacted (redact_requests).
+            previous = store.request_redactor.redact_text(previous)
         try:
-            return self.store.compact(state, count)
-        except SummarizerFailed as exc:
+            made = _compaction.summarize_chunk(
+                chunk,
+                previous,
+                target_tokens=_compaction.summary_target(budget_raw),
+                primary=store.summarizer if attempt == "primary" else None,
+                fallback=fallback,
+                count=store.count_text,
+                redact=store.redacted_for_summary,
+            )
+        except _compaction.SummaryNotMade as exc:
+            failed = backoff.failed(now) if attempt == "primary" else backoff
+            store.set_compaction_state(self.id, backoff=failed)
+            message = (
+                f"could not summarize turns {chunk[0].seq}-{chunk[-1].seq} of {self.id}; they "
+                f"stay live ({exc.failure})"
+            )
             if force:
-                raise
-            return f"compaction failed: {exc}"
+                raise SummarizerFailed(message) from None  # reported once: raised, not logged
+            logger.warning(
+                "compaction failed for %s (failure %d in a row; next try after %s): %s",
+                self.id,
+                failed.failures,
+                failed.retry_at,
+                exc.failure,
+                extra={"conversation_id": self.id},
+            )
+            return None, f"compaction failed: {message}"
+        covered = chunk[: made.count]
+        note = None
+        new_backoff: _compaction.Backoff | None = None
+        if made.failure is None and attempt == "primary":
+            new_backoff = _compaction.Backoff() if backoff.failures else None
+        elif attempt == "primary":
+            new_backoff = backoff.failed(now)
+        if made.fell_back:
+            why = made.failure or (
+                f"the summarizer failed {backoff.failures} time(s) in a row and backs off until "
+                f"{backoff.retry_at:%Y-%m-%d %H:%M:%S} UTC"
+                if backoff.retry_at
+                else "the summarizer is backing off"
+            )
+            note = (
+                f"turns {covered[0].seq}-{covered[-1].seq} were summarized by the fallback "
+                f"{type(fallback).__name__}: {why}"
+            )
+            logger.warning("conversation %s: %s", self.id, note, extra={"conversation_id": self.id})
+        done = store.write_chunk(
+            self.id,
+            archived_through_seq=row.archived_through_seq,
+            last_seq=covered[-1].seq,
+            result=made.result,
+            backoff=new_backoff,
+        )
+        return done, note
 
     def context(self, **params: Any) -> dict[str, Any]:
         """Exactly the request parameters the next call would send.
@@ -301,19 +681,50 @@ class Conversation:
             )
         return window.params
 
-    def compact(self) -> Compaction | None:
-        """Archive the live turns before the latest exchange now, whatever the budget.
+    def compact(self, *, progress: Callable[[int, int], None] | None = None) -> Compaction | None:
+        """Archive every live turn before the latest exchange now, whatever the budget.
 
-        Returns what was done, or None if there was nothing to archive. Raises
-        :class:`SummarizerFailed` if no summary could be made (nothing changes).
+        Works in chunks (one summarizer request each, at most
+        ``summarizer_input_tokens``), each committed as soon as its summary is
+        made: a crash keeps the chunks done. ``progress(done, total)`` is
+        called after each chunk with turns archived so far and in all. Returns
+        what was done (first to last turn archived, the final summary), or None
+        if there was nothing to archive. Raises :class:`SummarizerFailed` if a
+        chunk's summary could not be made (the chunks before it stay done).
         """
         model = self.effective_model
         budget = self.budget()
         factor = self.store.calibration(model).effective_factor
-        state = self.store.live_state(self.id)
-        done = self._maybe_compact(state, budget, factor, 0, force=True)
+        chunks: list[Compaction] = []
+        total: int | None = None
+        first_floor = 0
+        while True:
+            row, summary, plan = self._plan(budget, factor, 0, force=True)
+            if total is None:
+                first_floor = row.archived_through_seq
+                total = max(plan.start_seq - 1 - first_floor, 0)
+            if plan.start_seq <= row.archived_through_seq + 1:
+                break
+            done, _note = self._compact_chunk(
+                row, summary, plan.start_seq, plan.budget_raw, force=True
+            )
+            if done is None:
+                continue  # another process compacted meanwhile: read again
+            chunks.append(done)
+            if progress is not None:
+                progress(min(done.last_seq - first_floor, total), total)
         self.refresh()
-        return done if isinstance(done, Compaction) else None
+        if not chunks:
+            return None
+        kinds = dict.fromkeys(c.summarizer for c in chunks)
+        return Compaction(
+            chunks[0].first_seq,
+            chunks[-1].last_seq,
+            chunks[-1].summary,
+            "+".join(kinds),
+            sum(c.raw_bytes for c in chunks),
+            sum(c.stored_bytes for c in chunks),
+        )
 
     def record(self, response: Any, *, latency_ms: int | None = None) -> Message:
         """Store an API response (an SDK ``Message`` or a dict of its shape) as the assistant turn.
@@ -326,19 +737,44 @@ class Conversation:
 
         turn = turn_from_response(self.store, response, latency_ms=latency_ms)
         window, self._last_window = self._last_window, None
-        return self._store_reply(turn, window)
+        requested = window.params["model"] if window is not None else self.effective_model
+        return self._store_reply(_with_writer(turn, requested), window)
 
     def _store_reply(self, turn: Turn, window: ContextWindow | None) -> Message:
-        """Append an assistant turn; a complete reply to ``window`` also calibrates."""
+        """Append an assistant turn; a complete reply to ``window`` also calibrates.
+
+        Calibration never fails the call: the reply is stored by then, and a
+        database error while calibrating (a deadlock between first sends to a
+        new model, say) is only logged.
+        """
         message, row = self.store.append(self.id, turn)
         self._load(row)
-        if window is not None and turn.status == "complete" and turn.usage:
-            self.store.observe_usage(
+        if window is not None and window.calibrates and turn.status == "complete" and turn.usage:
+            self._calibrate(
                 window.params["model"], window.raw_tokens, reported_input_tokens(turn.usage)
             )
         return message
 
-    def send(self, content: str | list[Any], **params: Any) -> Message:
+    def _calibrate(self, model: str, raw_tokens: int, actual_tokens: int) -> Calibration | None:
+        """Fold one observation into the model's calibration; a database error is logged.
+
+        Calibration never fails a call: the reply is stored by then, and the
+        next observation does the same work (MariaDB, for one, can report a
+        deadlock when two processes write a model's first row at once).
+        """
+        try:
+            return self.store.observe_usage(model, raw_tokens, actual_tokens)
+        except (DatabaseError, sa_exc.SQLAlchemyError) as exc:
+            logger.warning(
+                "conversation %s: calibration of %s skipped: %s",
+                self.id,
+                model,
+                exc,
+                extra={"conversation_id": self.id},
+            )
+            return None
+
+    def send(self, content: str | list[Any], *, key: str | None = None, **params: Any) -> Message:
         """Send a user turn to Claude and return the stored reply.
 
         ``content`` is a string or a list of content blocks. ``params`` pass
@@ -348,10 +784,45 @@ class Conversation:
         usage. A failed call raises :class:`APIError` and the user turn stays
         (it is sent again with the next turn); a second concurrent send on
         this conversation raises :class:`ConversationBusy`.
-        """
-        return send_turn(self, content, params)
 
-    def stream(self, content: str | list[Any], **params: Any) -> ConversationStream:
+        Every parameter is checked before anything is written or sent.
+        ``key`` is an idempotency key for the user turn: a retry with the
+        same key never stores the turn twice; if its reply is stored too, that
+        reply is returned without calling the API. If the database fails once
+        the reply has arrived, :class:`ReplyNotStored` carries the reply, which
+        is kept in the store's outbox and written on the next use of the store.
+        """
+        return send_turn(self, content, params, key=key)
+
+    def exclude(self, seq: int) -> None:
+        """Leave live turn ``seq`` out of every request from now on; it stays stored.
+
+        For a turn the API rejects (an :class:`APIError` with a 400 names the
+        turns behind the message it refused in ``turn_seqs``), which would
+        otherwise make every later send fail. Its status becomes
+        ``"excluded"``; :meth:`include` undoes it.
+        """
+        self.store.set_excluded(self.id, seq, True)
+
+    def include(self, seq: int) -> None:
+        """Send an excluded turn again from the next request on."""
+        self.store.set_excluded(self.id, seq, False)
+
+    def release_claim(self, *, force: bool = False) -> bool:
+        """Clear a send's claim on this conversation, left by a sender that died.
+
+        Only with ``force=True`` (a live sender's claim would be cleared too,
+        letting a second send in). Returns True if there was a claim.
+        """
+        if not force:
+            raise InvalidInput(
+                "force", "release_claim clears any sender's claim: pass force=True to mean it"
+            )
+        return self.store.release(self.id)
+
+    def stream(
+        self, content: str | list[Any], *, key: str | None = None, **params: Any
+    ) -> ConversationStream:
         """Send a user turn and stream the reply::
 
             with conv.stream("Tell me a story") as reply:
@@ -362,12 +833,52 @@ class Conversation:
         A stream that breaks off keeps what arrived as an ``incomplete`` turn
         and raises :class:`StreamInterrupted`.
         """
-        return ConversationStream(self, content, params)
+        return ConversationStream(self, content, params, key=key)
 
     def summary(self) -> str | None:
         """The current rolling summary of the archived turns, if any."""
-        state = self.store.live_state(self.id)
-        return state.summary.text if state.summary else None
+        _row, summary = self.store.window_head(self.id)
+        return summary.text if summary else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """Where the next request starts (its first seq), its turns, and the raw budget."""
+
+    start_seq: int
+    turns: list[LiveTurn]
+    budget_raw: int
+
+
+def _with_writer(turn: Turn, model: str) -> Turn:
+    """``turn``, recording ``model`` as its writer if it is an assistant turn with thinking
+    blocks and no model of its own: thinking is replayed only to the model that wrote it,
+    and one of unknown origin is never replayed."""
+    if turn.role != "assistant" or turn.model is not None:
+        return turn
+    if not any(b.get("type") in ("thinking", "redacted_thinking") for b in turn.content):
+        return turn
+    return replace(turn, model=model)
+
+
+def _role_of(state: LiveState, seq: int) -> str:
+    return next((t.role for t in state.turns if t.seq == seq), "user")
+
+
+def _turn_fields(item: object) -> tuple[object, object, object]:
+    """One entry of ``extend``'s list: a ``(role, content)`` pair or a dict; with its model."""
+    if isinstance(item, Mapping):
+        unknown = set(item) - {"role", "content", "model"}
+        if unknown:
+            raise InvalidMessage(sorted(unknown)[0], "is not a turn field (role, content, model)")
+        if "role" not in item or "content" not in item:
+            raise InvalidMessage("role" if "role" not in item else "content", "is required")
+        return item["role"], item["content"], item.get("model")
+    if isinstance(item, tuple | list) and len(item) == 2:
+        return item[0], item[1], None
+    raise InvalidMessage(
+        "turn", f"must be a (role, content) pair or a dict, not {type(item).__name__}"
+    )
 
 
 def _with_params(window: ContextWindow, params: dict[str, Any]) -> ContextWindow:

@@ -11,7 +11,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import socket
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,10 +27,20 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from ._models import TABLE_PREFIX, VERSION_TABLE
-from .errors import DatabaseUnavailable, InvalidInput, MissingDriver, NotAConvoDatabase
+from .errors import (
+    CorruptedData,
+    DatabaseUnavailable,
+    InvalidInput,
+    MissingDriver,
+    NotAConvoDatabase,
+)
 
 ENV_DATABASE_URL: Final = "CONVO_DATABASE_URL"
+#: The password part of a URL that could not be parsed (so it is never echoed).
+_PASSWORD: Final = re.compile(r"(://[^:/@]*:)[^@]*@")
 SQLITE_BUSY_TIMEOUT_S: Final = 60.0
+#: How long a MySQL/MariaDB server may take to greet a new connection.
+MYSQL_GREETING_TIMEOUT_S: Final = 10.0
 
 _DRIVERS: Final = {
     "postgresql": ("postgresql+psycopg", "psycopg", "postgres"),
@@ -46,11 +59,21 @@ def resolve_url(url: str | URL | None = None) -> URL:
     """The URL convo will use: given, else ``CONVO_DATABASE_URL``, else the embedded file."""
     if url is None:
         url = os.environ.get(ENV_DATABASE_URL) or f"sqlite:///{default_database_path()}"
+    if isinstance(url, str) and "://" not in url:
+        hint = f"; for a SQLite file write sqlite:///{url}" if url.strip() else ""
+        raise InvalidInput("database URL", f"{url!r} is not a URL{hint}")
     try:
         parsed = make_url(url) if isinstance(url, str) else url
-    except sa_exc.ArgumentError:
-        raise InvalidInput("database URL", f"cannot be parsed: {url!r}") from None
+    except (sa_exc.ArgumentError, ValueError) as exc:
+        shown = _PASSWORD.sub(r"\1***@", url) if isinstance(url, str) else url
+        raise InvalidInput("database URL", f"cannot be parsed: {shown!r} ({exc})") from None
     backend = parsed.get_backend_name()
+    if backend == "sqlite" and not parsed.database:
+        raise InvalidInput(
+            "database URL",
+            "sqlite:// names no file; write sqlite:///path/to/convo.db, or sqlite:///:memory: "
+            "for a throwaway in-memory database",
+        )
     if "+" not in parsed.drivername and backend in _DRIVERS:
         parsed = parsed.set(drivername=_DRIVERS[backend][0])
     if parsed.get_backend_name() in ("mysql", "mariadb") and "charset" not in parsed.query:
@@ -63,6 +86,14 @@ def resolve_url(url: str | URL | None = None) -> URL:
 def mask(url: URL) -> str:
     """The URL as it is safe to print: its password replaced by ``***``."""
     return url.render_as_string(hide_password=True)
+
+
+def command_url(url: URL) -> str:
+    """The URL to show in a command to copy: no password at all (``***`` would be copied)."""
+    bare = URL.create(
+        url.drivername, url.username, None, url.host, url.port, url.database, url.query
+    )
+    return bare.render_as_string(hide_password=False)
 
 
 def sqlite_file(url: URL) -> Path | None:
@@ -98,6 +129,14 @@ def inspect_sqlite_file(path: Path, *, allow_other_tables: bool = False) -> bool
         finally:
             con.close()
     except sqlite3.DatabaseError as exc:
+        for place, access in ((path, os.R_OK | os.W_OK), (path.parent, os.W_OK)):
+            if not os.access(place, access):
+                # Not the file's fault: SQLite could not open it here (a read-only file
+                # system or missing permissions; WAL mode writes beside the file).
+                raise DatabaseUnavailable(
+                    f"cannot use the SQLite database {path}: {place} is not writable "
+                    f"(read-only file system or permissions); SQLite said: {exc}"
+                ) from None
         raise NotAConvoDatabase(
             f"{path} cannot be read as a SQLite database ({exc}); it was left untouched"
         ) from None
@@ -133,6 +172,21 @@ def _configure_sqlite(engine: Engine, *, wal: bool) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
+def _prepare_sqlite_path(url: URL, path: Path) -> None:
+    """Make the SQLite file's folder, or say plainly why the file cannot be used."""
+    if path.is_dir():
+        raise InvalidInput("database URL", f"{mask(url)} names a folder, not a database file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatabaseUnavailable(
+            f"cannot use the database at {mask(url)}: cannot create its folder {path.parent} "
+            f"({exc.strerror or exc})"
+        ) from None
+    if not path.parent.is_dir():
+        raise InvalidInput("database URL", f"{mask(url)}: {path.parent} is not a folder")
+
+
 def make_engine(url: URL, *, echo: bool = False) -> Engine:
     """An engine for ``url`` with convo's connection settings."""
     backend = url.get_backend_name()
@@ -146,20 +200,61 @@ def make_engine(url: URL, *, echo: bool = False) -> Engine:
                 connect_args={"check_same_thread": False},
             )
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
             engine = create_engine(url, echo=echo, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
         _configure_sqlite(engine, wal=path is not None)
         return engine
     try:
-        return create_engine(url, echo=echo, pool_pre_ping=True)
+        engine = create_engine(url, echo=echo, pool_pre_ping=True)
     except ModuleNotFoundError as exc:
         extra = next((v[2] for k, v in _DRIVERS.items() if k == backend), None)
-        hint = f"pip install 'convo[{extra}]'" if extra else f"install the driver for {backend}"
+        hint = (
+            f"pip install 'convo-store[{extra}]'" if extra else f"install the driver for {backend}"
+        )
         raise MissingDriver(
             f"{mask(url)} needs the {exc.name} package, which is not installed: {hint}"
         ) from None
     except sa_exc.NoSuchModuleError:
         raise InvalidInput("database URL", f"unknown database or driver in {mask(url)}") from None
+    if url.get_driver_name() == "pymysql":
+        _expect_mysql_greeting(engine)
+    return engine
+
+
+def _expect_mysql_greeting(engine: Engine) -> None:
+    """Connect PyMySQL over a socket that has already shown a MySQL server's greeting.
+
+    A MySQL server speaks first. PyMySQL waits for that greeting with no time
+    limit, so a URL pointing at another service's port (Redis, HTTP, ...)
+    would hang. Here the socket waits at most :data:`MYSQL_GREETING_TIMEOUT_S`
+    for the first byte (peeked, not consumed), then PyMySQL takes it over with
+    its own public ``defer_connect`` / ``connect(sock)``.
+    """
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+        if cparams.get("unix_socket") or "host" not in cparams:
+            return None  # a local socket file: nothing else can be listening there
+        host, port = cparams["host"], int(cparams.get("port") or 3306)
+        timeout = float(cparams.get("connect_timeout") or MYSQL_GREETING_TIMEOUT_S)
+        sock = socket.create_connection((host, port), timeout=timeout)
+        try:
+            sock.settimeout(min(timeout, MYSQL_GREETING_TIMEOUT_S))
+            try:
+                first = sock.recv(1, socket.MSG_PEEK)
+            except TimeoutError:
+                first = b""
+            if not first:
+                raise dialect.loaded_dbapi.OperationalError(
+                    2013,
+                    f"{host}:{port} accepted the connection but sent no MySQL greeting within "
+                    f"{MYSQL_GREETING_TIMEOUT_S:g} s; is it the port of another service?",
+                )
+            connection = dialect.loaded_dbapi.connect(*cargs, **cparams, defer_connect=True)
+            connection.connect(sock)
+            return connection
+        except BaseException:
+            sock.close()
+            raise
 
 
 def unavailable(url: URL, exc: BaseException) -> DatabaseUnavailable:
@@ -168,6 +263,19 @@ def unavailable(url: URL, exc: BaseException) -> DatabaseUnavailable:
     if url.password:
         detail = detail.replace(str(url.password), "***")
     return DatabaseUnavailable(f"cannot use the database at {mask(url)}: {detail}")
+
+
+#: SQLite's words for a stored text that is not UTF-8 (the row was written outside convo).
+_UNDECODABLE: Final = "Could not decode to UTF-8"
+
+
+def corrupted(exc: BaseException) -> CorruptedData:
+    """A :class:`CorruptedData` for a stored value that cannot be decoded."""
+    detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    return CorruptedData(
+        f"a stored value cannot be decoded ({detail}); it was damaged outside convo. "
+        "`convo verify` names the conversation and the turn"
+    )
 
 
 class Database:
@@ -179,20 +287,42 @@ class Database:
         self.url = url
         path = sqlite_file(url)
         if path is not None:
+            _prepare_sqlite_path(url, path)
             inspect_sqlite_file(path, allow_other_tables=allow_other_tables)
         self.engine = make_engine(url, echo=echo)
         self._write_engine = self.engine.execution_options(convo_write=True)
+        self._max_packet: int | None = None
 
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
+
+    def max_statement_bytes(self) -> int | None:
+        """MySQL/MariaDB's ``max_allowed_packet`` (read once), else None: no such limit.
+
+        A larger statement makes the server drop the connection, which the
+        driver reports as a lost connection, not as the input's fault.
+        """
+        if self.dialect not in ("mysql", "mariadb"):
+            return None
+        if self._max_packet is None:
+            with self._reported(), self.engine.connect() as connection:
+                self._max_packet = int(
+                    connection.exec_driver_sql("SELECT @@max_allowed_packet").scalar_one()
+                )
+        return self._max_packet
 
     @contextmanager
     def _reported(self) -> Iterator[None]:
         try:
             yield
         except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+            if _UNDECODABLE in str(exc):
+                raise corrupted(exc) from exc
             raise unavailable(self.url, exc) from exc
+        except json.JSONDecodeError as exc:
+            # Only reading a stored JSON column decodes JSON inside a transaction.
+            raise corrupted(exc) from exc
 
     @contextmanager
     def transaction(self, *, write: bool = False) -> Iterator[Session]:

@@ -42,3 +42,11 @@ def new_conversation_id() -> str:
 def is_conversation_id(value: object) -> bool:
     """True if ``value`` has the shape of a conversation id."""
     return isinstance(value, str) and _ID_RE.match(value) is not None
+
+
+_BODY_PREFIX_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{1,26}$")
+
+
+def is_id_prefix(body: str) -> bool:
+    """True if ``body`` (an id without ``conv_``) could start an id, in any case."""
+    return _BODY_PREFIX_RE.match(body.upper()) is not None

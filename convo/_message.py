@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from ._content import Block, text_of
 
-Status = Literal["complete", "incomplete", "failed"]
+Status = Literal["complete", "incomplete", "failed", "excluded"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +21,8 @@ class Message:
 
     ``status`` is ``"complete"``; ``"incomplete"`` for a reply cut off
     mid-stream (its partial text is kept); ``"failed"`` for a user turn whose
-    API call failed (it is sent again with the next turn).
+    API call failed (it is sent again with the next turn); ``"excluded"`` for a
+    turn left out of every request with ``conv.exclude(seq)`` (still stored).
     """
 
     conversation_id: str

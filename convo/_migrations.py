@@ -17,9 +17,9 @@ from alembic import command
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import URL, Connection, inspect
+from sqlalchemy import URL, Connection, MetaData, Table, inspect
 
-from ._database import Database, mask
+from ._database import Database, command_url, mask
 from ._models import VERSION_TABLE
 from .errors import InvalidInput, SchemaOutOfDate
 
@@ -90,8 +90,15 @@ def upgrade(db: Database, revision: str = "head") -> str:
 
 
 def downgrade(db: Database, revision: str) -> str:
-    """Downgrade the schema to ``revision``; return what Alembic reported."""
-    return _run(db, command.downgrade, revision)
+    """Downgrade the schema to ``revision``; return what Alembic reported.
+
+    At ``base`` no convo table is left: Alembic's version table goes too.
+    """
+    report = _run(db, command.downgrade, revision)
+    with db.migration_connection() as connection:
+        if schema_revision(connection) is None:
+            Table(VERSION_TABLE, MetaData()).drop(connection, checkfirst=True)
+    return report
 
 
 def history() -> str:
@@ -127,7 +134,8 @@ def out_of_date(url: URL, revision: str | None) -> SchemaOutOfDate:
             f"version of convo does not know (its newest is {head}): upgrade convo"
         )
     state = f"is at schema revision {revision}" if revision else "has no convo schema yet"
+    password = " (with your password)" if url.password else ""
     return SchemaOutOfDate(
         f"the database at {mask(url)} {state} (this convo needs revision {head}): "
-        f"run `convo db upgrade --db '{mask(url)}'`"
+        f"run `convo db upgrade --db '{command_url(url)}'`{password}"
     )

@@ -110,6 +110,13 @@ class ConversationRow(Base):
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
     #: Turns up to this seq are archived (and summarized); the live window follows.
     archived_through_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: While compaction lags behind, requests start at this seq (a safe start)
+    #: and the live turns before it are stored but not sent. It moves only
+    #: when the window overflows, so consecutive requests share their prefix.
+    window_start_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: Consecutive failures of the summarizer, and when it may be tried again.
+    compaction_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    compaction_retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     #: A send/stream in flight claims the conversation until then (or until it ends).
     busy_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     busy_owner: Mapped[str | None] = mapped_column(String(32))
@@ -148,10 +155,14 @@ class MessageRow(Base):
     request_id: Mapped[str | None] = mapped_column(String(128))
     latency_ms: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: The caller's idempotency key (``add(..., key=)``, ``send(..., key=)``): a
+    #: retry with the same key finds this turn instead of storing another.
+    key: Mapped[str | None] = mapped_column(String(128))
 
     __table_args__ = (
         # Also the index behind "the newest K messages of a conversation".
         UniqueConstraint("conversation_id", "seq"),
+        UniqueConstraint("conversation_id", "key"),
         _TABLE_OPTIONS,
     )
 
@@ -216,9 +227,12 @@ class SearchTextRow(Base):
     """The searchable text of one turn, indexed by the database's full-text search.
 
     Kept when the turn is archived, so search covers the whole history. The
-    full-text index itself is dialect-specific and made by migration 0004:
-    an FTS5 table on SQLite, a GIN ``tsvector`` index on PostgreSQL, a
-    ``FULLTEXT`` index on MySQL/MariaDB.
+    full-text indexes are dialect-specific and made by migrations 0004 (exact
+    search: an FTS5 table on SQLite, a GIN ``tsvector`` index on PostgreSQL, a
+    ``FULLTEXT`` index on MySQL/MariaDB) and 0005 (ranked recall: an FTS5
+    table with the porter tokenizer on SQLite; on PostgreSQL a stored
+    generated ``tsvector`` column ``convo_search_fts_english`` with a GIN
+    index). Being named ``convo_search_fts*``, they are outside the models.
     """
 
     __tablename__ = "convo_search"

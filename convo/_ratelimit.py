@@ -24,11 +24,11 @@ from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Final
+from typing import Any, Final
 
 from convo.errors import InvalidInput
 
-__all__ = ["RateLimiter"]
+__all__ = ["LimitedClient", "RateLimiter"]
 
 logger = logging.getLogger("convo.ratelimit")
 
@@ -199,3 +199,43 @@ class _Slot(AbstractContextManager[None]):
         if self._held:
             self._held = False
             self._limiter._release()
+
+
+class LimitedClient:
+    """An ``anthropic`` client whose ``messages.create`` calls take a slot of ``limiter`` first.
+
+    Everything else passes through to ``client``. ``estimate`` gives the input
+    tokens of a request from its keyword arguments. The store hands its
+    summarizer a client wrapped this way, so summaries share the store's limits.
+    """
+
+    def __init__(
+        self, client: Any, limiter: RateLimiter, estimate: Callable[[dict[str, Any]], int]
+    ) -> None:
+        self._client = client
+        self.messages = _LimitedMessages(client.messages, limiter, estimate)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+class _LimitedMessages:
+    def __init__(
+        self, messages: Any, limiter: RateLimiter, estimate: Callable[[dict[str, Any]], int]
+    ) -> None:
+        self._messages = messages
+        self._limiter = limiter
+        self._estimate = estimate
+
+    def create(self, **params: Any) -> Any:
+        with self._limiter.slot(self._estimate(params)):
+            return self._messages.create(**params)
+
+    def count_tokens(self, **params: Any) -> Any:
+        # Its own API rate limit, but a request all the same: it counts against the
+        # requests per minute and the concurrency, not against the input tokens.
+        with self._limiter.slot(0):
+            return self._messages.count_tokens(**params)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._messages, name)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, overload
@@ -107,6 +108,11 @@ class _Detector:
                 yield start, end
 
 
+#: Between the digit groups of a card number: a space (also no-break and thin
+#: spaces), a dash or a dot.
+_CARD_SEPARATOR: Final = "[ .\u00a0\u2007\u2009\u202f-]"
+
+
 def _luhn_valid(digits: str) -> bool:
     total = 0
     for position, char in enumerate(reversed(digits)):
@@ -120,7 +126,8 @@ def _luhn_valid(digits: str) -> bool:
 
 
 def _is_card(match: re.Match[str]) -> bool:
-    candidate = match.group()
+    # Full-width and other Unicode digits count as the digits they are.
+    candidate = unicodedata.normalize("NFKC", match.group())
     digits = re.sub(r"\D", "", candidate)
     if not 13 <= len(digits) <= 19 or digits[0] not in "23456":
         return False
@@ -163,10 +170,19 @@ _SECRET_NAMES: Final = (
     r"|auth[_-]?token|token|password|passwd|pwd|key"
 )
 
+#: JSON keys whose value is a credential whatever it looks like. Narrower than the
+#: names above: a bare "key" or "token" in a tool's input is usually not a secret.
+_CREDENTIAL_KEY: Final = re.compile(
+    r"(?i)(?:x[_-])?(?:api[_-]?key|apikey|access[_-]?key(?:[_-]?id)?|secret[_-]?access[_-]?key"
+    r"|secret[_-]?key|private[_-]?key|client[_-]?secret|secret|access[_-]?token"
+    r"|refresh[_-]?token|auth[_-]?token|bearer[_-]?token|password|passwd|pwd|passphrase"
+    r"|authorization)"
+)
+
 _BUILTIN_DETECTORS: Final[Mapping[str, tuple[_Detector, ...]]] = {
     "card": (
         _Detector(
-            re.compile(r"(?<![\w.,+-])\d(?:[ -]?\d){12,18}(?![\w-]|[.,][\d\[])"),
+            re.compile(rf"(?<![\w.,+-])\d(?:{_CARD_SEPARATOR}?\d){{12,18}}(?![\w-]|[.,][\d\[])"),
             accept=_is_card,
         ),
     ),
@@ -178,9 +194,9 @@ _BUILTIN_DETECTORS: Final[Mapping[str, tuple[_Detector, ...]]] = {
     "email": (
         _Detector(
             re.compile(
-                r"(?<![\w.%+-])[A-Za-z0-9._%+-]+@"
-                r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}"
-                r"(?![\w-]|\.[A-Za-z0-9\[])"
+                r"(?<![\w.%+-])[\w.%+-]+@"
+                r"(?:[^\W_](?:[\w-]{0,61}[^\W_])?\.)+(?:[^\W\d_]{2,24}|xn--[a-z0-9-]{1,59})"
+                r"(?![\w-]|\.[^\W_\[])"
             )
         ),
     ),
@@ -270,6 +286,7 @@ class Redactor:
             for detector in _BUILTIN_DETECTORS[kind]
         ]
         self._detectors: Final = tuple(detectors)
+        self._credential_keys: Final = "api_key" in chosen
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -352,10 +369,15 @@ class Redactor:
             for citation in block.get("citations") or ():
                 if isinstance(citation, dict) and isinstance(citation.get("cited_text"), str):
                     citation["cited_text"] = self.redact_text(citation["cited_text"])
-        elif kind == "tool_use":
+        elif isinstance(kind, str) and kind.endswith("tool_use"):
+            # tool_use, server_tool_use, mcp_tool_use: the model's input to a tool.
             if "input" in block:
-                block["input"] = self._redact_json(block["input"])
+                block["input"] = self.redact_json(block["input"])
         elif kind == "tool_result":
+            self._redact_content_in_place(block)
+        elif kind == "search_result":
+            if isinstance(block.get("title"), str):
+                block["title"] = self.redact_text(block["title"])
             self._redact_content_in_place(block)
         elif kind == "document":
             source = block.get("source")
@@ -374,15 +396,33 @@ class Redactor:
             for block in content:
                 self._redact_block_in_place(block)
 
-    def _redact_json(self, value: Any) -> Any:
-        """A tool input with every string value redacted; keys are kept."""
+    def redact_json(self, value: Any) -> Any:
+        """A redacted copy of a JSON value (a tool input, metadata); keys are kept.
+
+        Every string is redacted, and the whole value of a key that names a
+        credential (``password``, ``api_key``, ``client_secret``, ...) is
+        replaced, whatever it looks like: ``{"password": "hunter2"}``.
+        """
         if isinstance(value, str):
             return self.redact_text(value)
         if isinstance(value, list):
-            return [self._redact_json(item) for item in value]
+            return [self.redact_json(item) for item in value]
         if isinstance(value, dict):
-            return {key: self._redact_json(item) for key, item in value.items()}
+            return {key: self._redact_member(key, item) for key, item in value.items()}
         return value
+
+    def _redact_member(self, key: Any, value: Any) -> Any:
+        if (
+            self._credential_keys
+            and isinstance(key, str)
+            and _CREDENTIAL_KEY.fullmatch(key)
+            and isinstance(value, str | int | float)
+            and not isinstance(value, bool)
+            and str(value).strip()
+            and not _MARKER.fullmatch(str(value))
+        ):
+            return _marker("api_key")
+        return self.redact_json(value)
 
 
 def _compile_extra(

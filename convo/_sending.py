@@ -12,30 +12,68 @@ The order of things is what makes it durable:
 
 If the call fails, the user turn stays, marked ``failed``: the next send
 sends it again, merged with the new turn, so no text is lost and no two user
-turns dangle. A stream that breaks off keeps what arrived as an
-``incomplete`` assistant turn.
+turns dangle. A stream that breaks off, or ends without ``message_stop``,
+keeps what arrived as an ``incomplete`` assistant turn, with the usage the
+stream reported.
+
+While the call is alive a heartbeat thread renews the claim every third of
+the store's ``send_lease``, so a long call (SDK retries included) keeps
+other senders out, and a dead sender's claim lapses within one lease. If the
+database fails after the reply arrived, the reply goes to the store's outbox
+(a local file) and :class:`ReplyNotStored` carries it to the caller.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
+from sqlalchemy import exc as sa_exc
+
+from ._budget import DEFAULT_MAX_TOKENS
 from ._message import Message
-from ._response import turn_from_response
-from .errors import APIError, StreamInterrupted
+from ._models import utcnow
+from ._response import turn_from_response, usage_dict
+from ._store import AlreadyAnswered, _check_positive, check_key, reply_key
+from .errors import APIError, DatabaseError, InvalidInput, ReplyNotStored, StreamInterrupted
 
 if TYPE_CHECKING:
     from ._conversation import Conversation
+    from ._store import ConversationStore, Turn
     from ._window import ContextWindow
 
 logger = logging.getLogger("convo.api")
 
 #: Text of a streamed reply's block types that may be kept when it breaks off.
 _PARTIAL_KEEPS: Final = frozenset({"text"})
+#: Parameters convo sets itself from the conversation.
+OWN_PARAMS: Final = ("messages", "system", "model")
+_DB_FAILURES: Final = (DatabaseError, sa_exc.SQLAlchemyError)
+
+
+def check_request_params(params: dict[str, Any]) -> int:
+    """Check the request parameters a caller passed; return ``max_tokens``.
+
+    Raises :class:`InvalidInput` before anything is written or sent.
+    """
+    for name in OWN_PARAMS:
+        if name in params:
+            raise InvalidInput(name, "is set by convo from the conversation; do not pass it")
+    if "stream" in params:
+        raise InvalidInput(
+            "stream",
+            "is not a parameter here: use conv.stream() for a streamed reply (conv.send() "
+            "streams under the hood when max_tokens needs it)",
+        )
+    max_tokens = params.get("max_tokens", DEFAULT_MAX_TOKENS)
+    _check_positive("max_tokens", max_tokens)
+    return int(max_tokens)
 
 
 def _usage_counts(usage: dict[str, Any] | None) -> dict[str, int]:
@@ -91,8 +129,14 @@ def _log_call(
     )
 
 
-def wrap_api_error(exc: BaseException, *, stream: bool = False) -> APIError:
-    """A convo error for an SDK or transport error, keeping what it knew."""
+def wrap_api_error(
+    exc: BaseException, *, stream: bool = False, sending: Sending | None = None
+) -> APIError:
+    """A convo error for an SDK or transport error, keeping what it knew.
+
+    A 400 naming one message of the request (``messages.3...``) also names
+    the stored turns behind it and how to leave them out (``turn_seqs``).
+    """
     status = getattr(exc, "status_code", None)
     body = getattr(exc, "body", None)
     error_type = getattr(exc, "type", None)
@@ -102,11 +146,47 @@ def wrap_api_error(exc: BaseException, *, stream: bool = False) -> APIError:
     kind = StreamInterrupted if stream else APIError
     what = "the stream broke off" if stream else "the Messages API call failed"
     detail = f"{type(exc).__name__}: {exc}".strip()
-    return kind(
-        f"{what} ({detail})",
+    if status is None:
+        # A connection that failed: say where it was going (a URL carries no key).
+        try:
+            url = getattr(getattr(exc, "request", None), "url", None)
+        except RuntimeError:  # an httpx2 error without its request
+            url = None
+        if url is not None:
+            detail += f" to {url}"
+    seqs: tuple[int, ...] = ()
+    hint = ""
+    if status == 400 and sending is not None and hasattr(sending, "window"):
+        seqs, hint = _rejected_turns(detail, sending)
+    error = kind(
+        f"{what} ({detail}){hint}",
         status_code=status if isinstance(status, int) else None,
         error_type=error_type if isinstance(error_type, str) else None,
         request_id=request_id if isinstance(request_id, str) else None,
+    )
+    error.turn_seqs = seqs
+    return error
+
+
+_MESSAGE_INDEX: Final = re.compile(r"\bmessages\.(\d+)")
+
+
+def _rejected_turns(detail: str, sending: Sending) -> tuple[tuple[int, ...], str]:
+    """The stored turns behind the request message a 400 names, and what to do about them."""
+    match = _MESSAGE_INDEX.search(detail)
+    message_seqs = sending.window.message_seqs
+    if match is None or int(match.group(1)) >= len(message_seqs):
+        return (), ""
+    index = int(match.group(1))
+    seqs = message_seqs[index]
+    if not seqs:
+        return (), ""
+    conversation_id = sending.conv.id
+    which = f"turn {seqs[0]}" if len(seqs) == 1 else f"turns {', '.join(map(str, seqs))}"
+    return seqs, (
+        f". The API rejected message {index} of the request, made from {which} of "
+        f"{conversation_id}: if a stored turn is at fault, leave it out of every request "
+        f"with conv.exclude(SEQ) or `convo exclude {conversation_id} SEQ` (it stays stored)"
     )
 
 
@@ -122,18 +202,105 @@ def _needs_streaming(exc: ValueError) -> bool:
     return "stream" in str(exc).lower()
 
 
-class Sending:
-    """One turn in flight: claim, user turn, window. Shared by send and stream."""
+class _Heartbeat:
+    """Renews a send's claim every third of the lease while the call is alive.
 
-    def __init__(self, conv: Conversation, content: Any, params: dict[str, Any]) -> None:
+    At ``deadline`` (monotonic seconds, the store's ``send_timeout``) it calls
+    ``on_deadline`` once: a stream in flight is then closed.
+    """
+
+    def __init__(
+        self,
+        store: ConversationStore,
+        conversation_id: str,
+        owner: str,
+        deadline: float | None,
+    ) -> None:
+        self._store = store
+        self._conversation_id = conversation_id
+        self._owner = owner
+        self._deadline = deadline
+        self._stop = threading.Event()
+        self.on_deadline: Callable[[], None] | None = None
+        self.timed_out = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"convo-claim-{conversation_id}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        interval = self._store.send_lease / 3
+        next_renewal = time.monotonic() + interval
+        while True:
+            now = time.monotonic()
+            wake = next_renewal
+            if self._deadline is not None and not self.timed_out:
+                wake = min(wake, self._deadline)
+            if self._stop.wait(max(0.0, wake - now)):
+                return
+            deadline = self._deadline
+            if deadline is not None and not self.timed_out and time.monotonic() >= deadline:
+                self.timed_out = True
+                callback = self.on_deadline
+                if callback is not None:
+                    try:
+                        callback()
+                    except Exception:
+                        logger.debug("closing a timed-out stream failed", exc_info=True)
+            if time.monotonic() >= next_renewal:
+                next_renewal = time.monotonic() + interval
+                try:
+                    if not self._store.renew(self._conversation_id, self._owner):
+                        logger.warning(
+                            "conversation %s: the send's claim was cleared by someone else",
+                            self._conversation_id,
+                        )
+                except Exception as exc:
+                    logger.warning(
+                        "conversation %s: could not renew the send's claim: %s",
+                        self._conversation_id,
+                        exc,
+                    )
+
+    def watch(self, close: Callable[[], None]) -> None:
+        """Call ``close`` at the deadline (at once if it has passed already)."""
+        self.on_deadline = close
+        if self.timed_out:
+            close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class Sending:
+    """One turn in flight: claim, user turn, window. Shared by send and stream.
+
+    Every parameter is checked before anything is written. If the key's reply
+    is already stored, ``answered`` is that reply and nothing else happens.
+    """
+
+    def __init__(
+        self, conv: Conversation, content: Any, params: dict[str, Any], key: str | None
+    ) -> None:
         self.conv = conv
         self.store = conv.store
+        max_tokens = check_request_params(params)
+        self.key = check_key(key)
         self.client = self.store.client  # MissingAPIKey before anything is written
-        turn = self.store.make_turn("user", content)
-        max_tokens = params.get("max_tokens")
-        conv._check_fits(turn.token_count, **({"max_tokens": max_tokens} if max_tokens else {}))
-        self.user_message, row, self.owner = self.store.claim_and_append(conv.id, turn)
+        turn = self.store.make_turn("user", content, key=self.key)
+        conv._check_fits(turn, max_tokens=max_tokens)
+        self.answered: Message | None = None
+        self.settled = False
+        try:
+            self.user_message, row, self.owner = self.store.claim_and_append(conv.id, turn)
+        except AlreadyAnswered as done:
+            self.answered = done.message
+            self.settled = True
+            return
         conv._load(row)
+        timeout = self.store.send_timeout
+        self.deadline = time.monotonic() + timeout if timeout is not None else None
+        self.heartbeat = _Heartbeat(self.store, conv.id, self.owner, self.deadline)
         try:
             self.window = conv.window(**params)
             self.request = self.store.outbound(self.window.params)
@@ -141,44 +308,189 @@ class Sending:
             self.fail()
             raise
 
+    def call_options(self) -> dict[str, Any]:
+        """The SDK's per-request ``timeout``: what is left of ``send_timeout``."""
+        if self.deadline is None or "timeout" in self.request:
+            return {}
+        return {"timeout": max(1.0, self.deadline - time.monotonic())}
+
     def fail(self) -> None:
-        """The call did not produce a reply: mark the user turn, release the claim."""
+        """The call did not produce a reply: mark the user turn, release the claim.
+
+        If the database fails too, the caller still gets the original error
+        (an API error stays an API error); the claim then lapses with its lease.
+        """
+        self.settled = True
+        self.heartbeat.stop()
         model = self.window.params["model"] if hasattr(self, "window") else None
-        self.store.set_status(self.conv.id, self.user_message.seq, "failed", model=model)
-        self.store.release(self.conv.id, self.owner)
-
-    def finish(self, response: Any, *, latency_ms: int, status: str = "complete") -> Message:
-        """Store the reply (and calibrate), then release the claim."""
         try:
-            turn = turn_from_response(
-                self.store,
-                response,
-                latency_ms=latency_ms,
-                status=status,  # type: ignore[arg-type]
-            )
-            return self.conv._store_reply(turn, self.window)
-        finally:
+            self.store.set_status(self.conv.id, self.user_message.seq, "failed", model=model)
             self.store.release(self.conv.id, self.owner)
+        except _DB_FAILURES as exc:
+            logger.warning(
+                "conversation %s: could not mark turn %d failed or release the claim: %s",
+                self.conv.id,
+                self.user_message.seq,
+                exc,
+            )
+
+    def finish(
+        self,
+        response: Any,
+        *,
+        latency_ms: int,
+        status: str = "complete",
+        request_id: str | None = None,
+    ) -> Message:
+        """Store the reply (and calibrate), then release the claim.
+
+        If the database fails, the reply is kept in the outbox and
+        :class:`ReplyNotStored` raised with it.
+        """
+        self.settled = True
+        self.heartbeat.stop()
+        turn = turn_from_response(
+            self.store,
+            response,
+            latency_ms=latency_ms,
+            status=status,  # type: ignore[arg-type]
+            request_id=request_id,
+        )
+        if self.key is not None:
+            turn = replace(turn, key=reply_key(self.key))
+        try:
+            message = self.conv._store_reply(turn, self.window)
+        except _DB_FAILURES as exc:
+            raise self._spool(turn, exc) from exc
+        except BaseException:
+            self._release_quietly()
+            raise
+        self._release_quietly()
+        return message
+
+    def _release_quietly(self) -> None:
+        try:
+            self.store.release(self.conv.id, self.owner)
+        except _DB_FAILURES as exc:
+            logger.warning("conversation %s: could not release the claim: %s", self.conv.id, exc)
+
+    def _spool(self, turn: Turn, cause: BaseException) -> ReplyNotStored:
+        """Keep a reply the database could not take; the error that carries it."""
+        reply = turn.as_message(self.conv.id, 0, utcnow())
+        outbox_id: str | None = None
+        try:
+            outbox_id = self.store.spool_reply(
+                self.conv.id, self.user_message.seq, self.owner, turn
+            )
+            kept = (
+                f"it is kept in the outbox ({self.store.outbox.path}) and will be written on "
+                "the next use of the store, or by `convo outbox replay`"
+            )
+        except OSError as exc:
+            logger.error("conversation %s: the outbox cannot be written: %s", self.conv.id, exc)
+            kept = f"the outbox could not be written either ({exc}): the reply is only in .reply"
+        self._release_quietly()
+        return ReplyNotStored(
+            f"the API replied (request {turn.request_id}) but the database failed before the "
+            f"reply was stored ({type(cause).__name__}: {str(cause).splitlines()[0]}); {kept}",
+            reply=reply,
+            outbox_id=outbox_id,
+        )
 
 
-def send(conv: Conversation, content: Any, params: dict[str, Any]) -> Message:
+class _Reader:
+    """Reads a stream's events: its text deltas, and whether ``message_stop`` arrived."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.stopped = False
+
+    def texts(self) -> Iterator[str]:
+        for event in self.stream:
+            if event.type == "message_stop":
+                self.stopped = True
+            elif event.type == "content_block_delta" and event.delta.type == "text_delta":
+                yield event.delta.text
+
+    def drain(self) -> None:
+        for _ in self.texts():
+            pass
+
+    def partial(self) -> dict[str, Any]:
+        """What arrived before the stream broke off, as a response-shaped dict."""
+        try:
+            snapshot = self.stream.current_message_snapshot
+        except (AssertionError, AttributeError):
+            snapshot = None  # not even message_start arrived
+        blocks = []
+        if snapshot is not None:
+            for block in snapshot.content:
+                if block.type in _PARTIAL_KEEPS and getattr(block, "text", "").strip():
+                    blocks.append({"type": "text", "text": block.text})
+        return {
+            "role": "assistant",
+            "content": blocks,
+            "model": getattr(snapshot, "model", None),
+            "stop_reason": None,
+            # What message_start and any message_delta reported: billed all the same.
+            "usage": usage_dict(snapshot.usage) if snapshot is not None else None,
+            "_request_id": _request_id(self.stream),
+        }
+
+
+def _request_id(stream: Any) -> str | None:
+    try:
+        value = stream.request_id
+    except Exception:
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _cut(sending: Sending) -> StreamInterrupted:
+    if sending.heartbeat.timed_out:
+        return StreamInterrupted(
+            f"send_timeout ({sending.store.send_timeout:g} s) reached: the stream was closed; "
+            "the reply so far is kept as an incomplete turn"
+        )
+    return StreamInterrupted(
+        "the stream ended before message_stop: the reply is incomplete (kept as an incomplete turn)"
+    )
+
+
+def _stream_failure(sending: Sending, exc: BaseException) -> BaseException:
+    """The error to raise for an exception out of a stream's events."""
+    if sending.heartbeat.timed_out and _is_sdk_failure(exc):
+        return _cut(sending)
+    if _is_sdk_failure(exc):
+        return wrap_api_error(exc, stream=True)
+    return exc
+
+
+def send(
+    conv: Conversation, content: Any, params: dict[str, Any], *, key: str | None = None
+) -> Message:
     """Send one user turn and return the stored reply (see the module docstring)."""
-    sending = Sending(conv, content, params)
+    sending = Sending(conv, content, params, key)
+    if sending.answered is not None:
+        return sending.answered
     started = time.monotonic()
     try:
         with conv.store.rate_limiter.slot(sending.window.estimated_tokens):
             try:
-                response = sending.client.messages.create(**sending.request)
+                response = sending.client.messages.create(
+                    **sending.request, **sending.call_options()
+                )
             except ValueError as exc:
                 if not _needs_streaming(exc):
                     raise
-                with sending.client.messages.stream(**sending.request) as stream:
-                    response = stream.get_final_message()
+                return _send_streamed(sending, started)
     except BaseException as exc:
+        if sending.settled:
+            raise
         latency = int((time.monotonic() - started) * 1000)
         sending.fail()
         if _is_sdk_failure(exc):
-            error = wrap_api_error(exc)
+            error = wrap_api_error(exc, sending=sending)
             _log_call(conv, sending.window, outcome="error", latency_ms=latency, error=error)
             raise error from exc
         raise
@@ -188,23 +500,54 @@ def send(conv: Conversation, content: Any, params: dict[str, Any]) -> Message:
     return message
 
 
+def _send_streamed(sending: Sending, started: float) -> Message:
+    """``send`` for a ``max_tokens`` the SDK only allows streamed: the same, minus the deltas."""
+    with sending.client.messages.stream(**sending.request, **sending.call_options()) as stream:
+        sending.heartbeat.watch(stream.close)
+        reader = _Reader(stream)
+        broken: BaseException | None = None
+        try:
+            reader.drain()
+        except BaseException as exc:
+            broken = _stream_failure(sending, exc)
+        latency = int((time.monotonic() - started) * 1000)
+        if broken is None and reader.stopped:
+            message = sending.finish(
+                stream.get_final_message(), latency_ms=latency, request_id=_request_id(stream)
+            )
+            _log_call(
+                sending.conv, sending.window, outcome="ok", latency_ms=latency, message=message
+            )
+            return message
+        message = sending.finish(reader.partial(), latency_ms=latency, status="incomplete")
+        _log_call(
+            sending.conv, sending.window, outcome="interrupted", latency_ms=latency, message=message
+        )
+        raise (broken or _cut(sending))
+
+
 class ConversationStream:
     """A streamed reply: iterate it for text deltas; ``.message`` is the stored turn.
 
     Use it as a context manager (``with conv.stream("hi") as reply:``). When
     the block ends, the reply is stored: complete, or, if the stream broke
-    off or the block was left early, as an ``incomplete`` turn with the text
-    that arrived (a :class:`StreamInterrupted` error is raised for a broken
-    stream; an early exit or Ctrl-C is not turned into an error).
+    off, ended without ``message_stop``, or the block was left early, as an
+    ``incomplete`` turn with the text that arrived (a :class:`StreamInterrupted`
+    error is raised for a broken or cut stream; an early exit or Ctrl-C is
+    not turned into an error).
     """
 
-    def __init__(self, conv: Conversation, content: Any, params: dict[str, Any]) -> None:
+    def __init__(
+        self, conv: Conversation, content: Any, params: dict[str, Any], *, key: str | None = None
+    ) -> None:
         self._conv = conv
         self._content = content
         self._params = params
+        self._key = key
         self._sending: Sending | None = None
         self._manager: Any = None
         self._stream: Any = None
+        self._reader: _Reader | None = None
         self._started = 0.0
         self._limit: Any = None
         self._iteration = "not started"
@@ -212,34 +555,48 @@ class ConversationStream:
 
     def __enter__(self) -> ConversationStream:
         store = self._conv.store
-        self._sending = Sending(self._conv, self._content, self._params)
+        self._sending = sending = Sending(self._conv, self._content, self._params, self._key)
+        if sending.answered is not None:
+            self.message = sending.answered  # this key's reply is stored: no call
+            return self
         self._started = time.monotonic()
         try:
-            self._limit = store.rate_limiter.slot(self._sending.window.estimated_tokens)
+            self._limit = store.rate_limiter.slot(sending.window.estimated_tokens)
             self._limit.__enter__()
             try:
-                self._manager = self._sending.client.messages.stream(**self._sending.request)
+                self._manager = sending.client.messages.stream(
+                    **sending.request, **sending.call_options()
+                )
                 self._stream = self._manager.__enter__()
+                self._reader = _Reader(self._stream)
+                sending.heartbeat.watch(self._stream.close)
             except BaseException as exc:
                 self._limit.__exit__(type(exc), exc, exc.__traceback__)
                 raise
         except BaseException as exc:
-            self._sending.fail()
+            sending.fail()
             if _is_sdk_failure(exc):
-                raise wrap_api_error(exc) from exc
+                raise wrap_api_error(exc, sending=sending) from exc
             raise
         return self
 
     def __iter__(self) -> Iterator[str]:
         """The reply's text, delta by delta, as it arrives."""
-        assert self._stream is not None, "use the stream inside its `with` block"
+        assert self._sending is not None, "use the stream inside its `with` block"
+        if self._sending.answered is not None:
+            yield self._sending.answered.text
+            return
+        assert self._reader is not None
         self._iteration = "started"
         try:
-            yield from self._stream.text_stream
+            yield from self._reader.texts()
         except BaseException as exc:
-            if _is_sdk_failure(exc):
-                raise wrap_api_error(exc, stream=True) from exc
-            raise
+            failure = _stream_failure(self._sending, exc)
+            if failure is exc:
+                raise
+            raise failure from exc
+        if not self._reader.stopped:
+            raise _cut(self._sending)
         self._iteration = "done"
 
     @property
@@ -254,23 +611,30 @@ class ConversationStream:
     ) -> None:
         sending = self._sending
         assert sending is not None
+        if sending.answered is not None:
+            return
+        assert self._reader is not None
         broken: BaseException | None = None
         if exc is None and self._iteration == "not started":
             try:
-                self._stream.until_done()  # the caller only wants the final message
-                self._iteration = "done"
+                self._reader.drain()  # the caller only wants the final message
+                self._iteration = "done" if self._reader.stopped else "cut"
+                if not self._reader.stopped:
+                    broken = _cut(sending)
             except BaseException as failure:
-                broken = failure
+                broken = _stream_failure(sending, failure)
         latency = int((time.monotonic() - self._started) * 1000)
         try:
             if exc is None and self._iteration == "done":
                 final = self._stream.get_final_message()
-                self.message = sending.finish(final, latency_ms=latency)
+                self.message = sending.finish(
+                    final, latency_ms=latency, request_id=_request_id(self._stream)
+                )
                 outcome = "ok"
             else:
-                # Broken off, or left early: keep what arrived, visibly incomplete.
+                # Broken off, cut, or left early: keep what arrived, visibly incomplete.
                 self.message = sending.finish(
-                    self._partial(), latency_ms=latency, status="incomplete"
+                    self._reader.partial(), latency_ms=latency, status="incomplete"
                 )
                 outcome = "interrupted"
             _log_call(
@@ -284,26 +648,4 @@ class ConversationStream:
             self._manager.__exit__(exc_type, exc, tb)
             self._limit.__exit__(exc_type, exc, tb)
         if broken is not None:
-            if _is_sdk_failure(broken):
-                raise wrap_api_error(broken, stream=True) from broken
             raise broken
-
-    def _partial(self) -> dict[str, Any]:
-        """What arrived before the stream broke off, as a response-shaped dict."""
-        try:
-            snapshot = self._stream.current_message_snapshot
-        except (AssertionError, AttributeError):
-            snapshot = None  # not even message_start arrived
-        blocks = []
-        if snapshot is not None:
-            for block in snapshot.content:
-                if block.type in _PARTIAL_KEEPS and getattr(block, "text", "").strip():
-                    blocks.append({"type": "text", "text": block.text})
-        return {
-            "role": "assistant",
-            "content": blocks,
-            "model": getattr(snapshot, "model", None),
-            "stop_reason": None,
-            "usage": snapshot.usage.model_dump(mode="json") if snapshot is not None else None,
-            "_request_id": getattr(self._stream, "request_id", None),
-        }

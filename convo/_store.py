@@ -19,20 +19,35 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from sqlalchemy import URL, delete, func, select, update
+from sqlalchemy import URL, Text, cast, delete, func, insert, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
-from . import _archive, _migrations
+from . import _archive, _verify
 from ._budget import Calibration
-from ._content import Block, normalize_content, validate_role
+from ._compaction import (
+    CHUNK_BATCH,
+    DEFAULT_SUMMARIZER_INPUT_TOKENS,
+    MAX_BLOCK_BYTES,
+    MAX_BLOCK_TURNS,
+    TAIL_BATCH,
+    Backoff,
+)
+from ._content import (
+    Block,
+    check_placement,
+    check_unicode,
+    normalize_content,
+    validate_role,
+)
 from ._database import Database, mask, resolve_url
-from ._ids import is_conversation_id, new_conversation_id
+from ._ids import PREFIX as ID_PREFIX
+from ._ids import is_conversation_id, is_id_prefix, new_conversation_id
 from ._message import Message, Status
 from ._models import (
     ArchiveBlockRow,
@@ -43,20 +58,40 @@ from ._models import (
     SummaryRow,
     utcnow,
 )
+from ._outbox import Outbox, PendingReply, outbox_path
 from ._pricing import PriceTable
-from ._ratelimit import RateLimiter
+from ._ratelimit import LimitedClient, RateLimiter
+from ._recall import (
+    DEFAULT_K,
+    DEFAULT_RECALL,
+    DEFAULT_SHARE,
+    SCOPES,
+    RecallHit,
+    RecallQuery,
+    query_terms,
+)
 from ._redaction import Redactor
+from ._schema import shipped_head, stored_revision
 from ._search import SearchHit, searchable_text
+from ._search import recall as run_recall
 from ._search import search as run_search
-from ._summarizer import ClaudeSummarizer, Summarizer, SummaryResult, SummaryTurn
-from ._tokens import TiktokenCounter, TokenCounter, count_turn
+from ._summarizer import (
+    ClaudeSummarizer,
+    Summarizer,
+    SummaryResult,
+    SummaryTurn,
+)
+from ._tokens import CachingCounter, TiktokenCounter, TokenCounter, count_turn
 from ._usage import GROUPINGS, CallRecord, GroupBy, UsageReport, summarize
+from ._validate import check_count, check_duration, check_seconds, check_time, json_copy
 from ._window import LiveTurn, SummaryPart, summary_block
 from .errors import (
     ArchiveCorrupted,
     ConversationBusy,
     ConversationNotFound,
+    DatabaseUnavailable,
     InvalidInput,
+    MessageTooLarge,
     MissingAPIKey,
 )
 
@@ -71,12 +106,21 @@ ENV_MODEL: Final = "CONVO_MODEL"
 #: A current, non-deprecated model from the SDK's list.
 DEFAULT_MODEL: Final = "claude-sonnet-5-5"
 DEFAULT_LIST_LIMIT: Final = 50
+#: Candidates an ambiguous id prefix lists.
+FIND_CANDIDATES: Final = 10
 #: After a compaction the live turns use at most this share of the budget.
 DEFAULT_LOW_WATER: Final = 0.55
-#: How long a send's claim on a conversation outlives a crashed sender.
-DEFAULT_SEND_LEASE: Final = 900.0
+#: How long a send's claim on a conversation outlives a crashed sender. While
+#: the sender lives, a heartbeat renews the claim every third of this.
+DEFAULT_SEND_LEASE: Final = 60.0
+#: The smallest ``summarizer_input_tokens`` accepted.
+MIN_SUMMARIZER_INPUT_TOKENS: Final = 2_000
 #: Rows fetched per round trip when reading a long history.
 HISTORY_BATCH: Final = 1_000
+#: Room left in MySQL's packet for the rest of an INSERT besides the content.
+STATEMENT_MARGIN: Final = 64 * 1024
+
+_Row = TypeVar("_Row", ArchiveBlockRow, SummaryRow)
 
 
 def _redactor(setting: Redactor | bool) -> Redactor | None:
@@ -86,21 +130,22 @@ def _redactor(setting: Redactor | bool) -> Redactor | None:
 
 
 def _check_system(system: object) -> Any:
-    if system is None or isinstance(system, str):
+    if system is None:
+        return None
+    if isinstance(system, str):
+        check_unicode("system", system, InvalidInput)
         return system
     if isinstance(system, list) and all(
         isinstance(block, Mapping) and block.get("type") == "text" for block in system
     ):
-        return [dict(block) for block in system]
+        blocks = [dict(block) for block in system]
+        check_unicode("system", json.dumps(blocks, ensure_ascii=False), InvalidInput)
+        return blocks
     raise InvalidInput("system", "must be a string or a list of text blocks")
 
 
 def _check_positive(field: str, value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise InvalidInput(field, f"must be a positive integer, not {value!r}")
-    return value
+    return None if value is None else check_count(field, value)
 
 
 def _check_metadata(metadata: object) -> dict[str, Any]:
@@ -108,13 +153,10 @@ def _check_metadata(metadata: object) -> dict[str, Any]:
         return {}
     if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
         raise InvalidInput("metadata", "must be a dict with string keys")
-    try:
-        encoded = json.dumps(dict(metadata), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput("metadata", f"is not JSON-serialisable: {exc}") from None
-    if "\\u0000" in encoded:  # PostgreSQL's JSONB cannot hold it
+    copied: dict[str, Any] = json_copy(dict(metadata), "metadata")
+    if "\\u0000" in json.dumps(copied):  # PostgreSQL's JSONB cannot hold it
         raise InvalidInput("metadata", "must not contain NUL characters")
-    copied: dict[str, Any] = json.loads(encoded)
+    check_unicode("metadata", json.dumps(copied, ensure_ascii=False), InvalidInput)
     return copied
 
 
@@ -127,7 +169,63 @@ def _check_text(field: str, value: object, max_length: int) -> str | None:
         raise InvalidInput(field, f"must be at most {max_length} characters")
     if "\x00" in value:
         raise InvalidInput(field, "must not contain NUL characters")
+    check_unicode(field, value, InvalidInput)
     return value
+
+
+#: Longest idempotency key (the column holds 128: room for the reply's suffix).
+MAX_KEY_LENGTH: Final = 100
+
+
+def check_key(key: object) -> str | None:
+    """An idempotency key as given, checked."""
+    if key is None:
+        return None
+    checked = _check_text("key", key, MAX_KEY_LENGTH)
+    if not checked:
+        raise InvalidInput("key", "must not be empty")
+    if checked.endswith(":reply"):
+        raise InvalidInput("key", "must not end with ':reply' (convo keys replies that way)")
+    return checked
+
+
+def _turn_json(turn: Turn) -> dict[str, Any]:
+    return {name: getattr(turn, name) for name in Turn.__dataclass_fields__}
+
+
+class AlreadyAnswered(Exception):
+    """A send's idempotency key already has its reply stored: ``message``."""
+
+    def __init__(self, message: Message) -> None:
+        super().__init__(message.seq)
+        self.message = message
+
+
+def reply_key(key: str) -> str:
+    """The idempotency key of the reply to the user turn stored with ``key``."""
+    return f"{key}:reply"
+
+
+def _row_values(message: Message) -> dict[str, Any]:
+    """A stored turn as the values of its ``convo_messages`` row."""
+    return {column: getattr(message, column) for column in MESSAGE_COLUMNS}
+
+
+#: The columns of a turn's row, as ``Message`` attributes of the same names.
+MESSAGE_COLUMNS: Final = (
+    "conversation_id",
+    "seq",
+    "role",
+    "content",
+    "token_count",
+    "status",
+    "model",
+    "stop_reason",
+    "usage",
+    "request_id",
+    "latency_ms",
+    "created_at",
+)
 
 
 def _message(row: MessageRow, content: list[Block]) -> Message:
@@ -160,6 +258,18 @@ class Turn:
     usage: dict[str, Any] | None = None
     request_id: str | None = None
     latency_ms: int | None = None
+    key: str | None = None
+
+    def as_message(self, conversation_id: str, seq: int, created_at: datetime) -> Message:
+        """The turn as a :class:`Message` numbered ``seq`` (0: not stored)."""
+        fields = {name: getattr(self, name) for name in _MESSAGE_FIELDS}
+        return Message(conversation_id=conversation_id, seq=seq, created_at=created_at, **fields)
+
+
+#: The fields a Turn and a Message share: a row's columns less where and when it was stored.
+_MESSAGE_FIELDS: Final = tuple(
+    c for c in MESSAGE_COLUMNS if c not in ("conversation_id", "seq", "created_at")
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,11 +309,18 @@ class ConversationStore:
       else ``claude-sonnet-5-5``).
     * ``token_budget``: default input-token budget per request.
     * ``summarizer``: makes the rolling summaries (default: Claude, through
-      ``client``); ``summarizer_fallback`` is used if it fails (default: none,
-      the turns stay live and the failure is logged or raised).
+      ``client``); ``summarizer_fallback`` is used at once if it fails
+      (default: none: the summarizer is retried with backoff, and after 3
+      failures in a row the extractive summary stands in).
     * ``low_water``: share of the budget the live turns may use after a
       compaction (default 0.55).
+    * ``summarizer_input_tokens``: the most raw tokens one summarizer request
+      carries (previous summary + turns; default 60,000). A backlog is
+      summarized in chunks of this size, one per request, or all at once
+      with ``conv.compact()``.
     * ``token_counter``: anything with ``count(text) -> int`` (default cl100k).
+      The correction factor stays within 1.0-2.0: a counter should count no
+      more than Claude does, nor less than half of it.
     * ``max_retries``: the SDK's retries (default 2): 429, 5xx, 529 overloaded
       and connection errors, honouring ``retry-after``. convo adds none.
     * ``requests_per_minute``, ``input_tokens_per_minute``,
@@ -213,11 +330,22 @@ class ConversationStore:
       to redact personal data and secrets from what is sent to the API and/or
       from what is stored. Both off by default.
     * ``prices``: overrides of the price table (USD per million tokens).
-    * ``send_lease``: seconds a send's claim on a conversation lasts if its
-      process dies mid-call (default 900).
+    * ``send_lease``: seconds a send's claim on a conversation outlives its
+      process if it dies mid-call (default 60); a live sender renews it every
+      ``send_lease / 3`` seconds.
+    * ``send_timeout``: seconds a whole send may take (default: none beyond
+      the SDK's own timeouts); see the README.
+    * ``auto_replay``: write replies pending in the outbox (billed replies the
+      database could not take) when the store opens and before each write
+      (default True).
     * ``exact_token_counts``: also ask ``client.messages.count_tokens`` for the
       exact size of every request before it is sent (one more API call per
       turn, on its own rate limit); it calibrates too.
+    * ``recall``: before each request, look up the earlier turns most relevant
+      to the newest user turn and add the best ones to the request (default
+      on); ``recall_scope``: ``"conversation"`` (default) or ``"user"`` (also
+      the other conversations of the conversation's ``user_id``, never another
+      user's); ``recall_share``: share of the budget they may use (0.10).
     """
 
     def __init__(
@@ -230,6 +358,7 @@ class ConversationStore:
         summarizer: Summarizer | None = None,
         summarizer_fallback: Summarizer | None = None,
         low_water: float = DEFAULT_LOW_WATER,
+        summarizer_input_tokens: int = DEFAULT_SUMMARIZER_INPUT_TOKENS,
         token_counter: TokenCounter | None = None,
         exact_token_counts: bool = False,
         max_retries: int | None = None,
@@ -240,18 +369,35 @@ class ConversationStore:
         redact_storage: Redactor | bool = False,
         prices: Mapping[str, Any] | None = None,
         send_lease: float = DEFAULT_SEND_LEASE,
+        recall: bool = DEFAULT_RECALL,
+        recall_scope: str = "conversation",
+        recall_share: float = DEFAULT_SHARE,
+        send_timeout: float | None = None,
+        auto_replay: bool = True,
         echo: bool = False,
     ) -> None:
         self._url = resolve_url(url)
         self._client = client
+        #: The client the store made itself (closed with the store), if any.
+        self._own_client: Any = None
         self.model: str = model or os.environ.get(ENV_MODEL) or DEFAULT_MODEL
         self.token_budget = _check_positive("token_budget", token_budget)
         if not 0.05 <= low_water <= 0.95:
             raise InvalidInput("low_water", f"must be between 0.05 and 0.95, not {low_water!r}")
         self.low_water = low_water
+        checked = _check_positive("summarizer_input_tokens", summarizer_input_tokens)
+        if checked is None or checked < MIN_SUMMARIZER_INPUT_TOKENS:
+            raise InvalidInput(
+                "summarizer_input_tokens",
+                f"must be at least {MIN_SUMMARIZER_INPUT_TOKENS:,}, "
+                f"not {summarizer_input_tokens!r}",
+            )
+        self.summarizer_input_tokens: int = checked
         self._summarizer = summarizer
         self.summarizer_fallback = summarizer_fallback
         self.token_counter: TokenCounter = token_counter or TiktokenCounter()
+        #: The same counts, remembered for the texts counted on every request.
+        self.cached_counter = CachingCounter(self.token_counter)
         self.exact_token_counts = exact_token_counts
         self.max_retries = _check_positive("max_retries", max_retries) if max_retries else None
         if max_retries == 0:
@@ -264,11 +410,23 @@ class ConversationStore:
         self.request_redactor = _redactor(redact_requests)
         self.storage_redactor = _redactor(redact_storage)
         self.prices = PriceTable(prices)
-        if send_lease <= 0:
+        self.send_lease = check_seconds("send_lease", send_lease)
+        if recall_scope not in SCOPES:
+            raise InvalidInput("recall_scope", f"must be one of {SCOPES}, not {recall_scope!r}")
+        if (
+            isinstance(recall_share, bool)
+            or not isinstance(recall_share, int | float)
+            or not 0 < recall_share <= 0.5
+        ):
             raise InvalidInput(
-                "send_lease", f"must be a positive number of seconds, not {send_lease!r}"
+                "recall_share", f"must be above 0 and at most 0.5, not {recall_share!r}"
             )
-        self.send_lease = send_lease
+        self.recall_enabled = bool(recall)
+        self.recall_scope = recall_scope
+        self.recall_share = recall_share
+        self.send_timeout = (
+            None if send_timeout is None else check_seconds("send_timeout", send_timeout)
+        )
         if client is not None and max_retries is not None:
             # The SDK's own retries, configured once: never a second layer.
             self._client = client.with_options(max_retries=max_retries)
@@ -278,8 +436,17 @@ class ConversationStore:
         except BaseException:
             self._db.close()
             raise
+        self.auto_replay = auto_replay
+        if auto_replay:
+            self.replay_outbox(quiet=True)
 
     def _ensure_schema(self) -> None:
+        with self._db.transaction() as session:
+            revision = stored_revision(session.connection())
+        if revision is not None and revision == shipped_head():
+            return  # the usual case, decided without loading Alembic
+        from . import _migrations
+
         with self._db.transaction() as session:
             revision = _migrations.schema_revision(session.connection())
         if revision == _migrations.head_revision():
@@ -319,17 +486,36 @@ class ConversationStore:
                     "no Anthropic API key: set ANTHROPIC_API_KEY (or pass client= to "
                     "ConversationStore)"
                 )
-            self._client = client
+            self._client = self._own_client = client
         return self._client
+
+    @property
+    def limited_client(self) -> LimitedClient:
+        """:attr:`client`, its ``messages.create`` and ``count_tokens`` under the store's limits."""
+        client = self.client
+        limited = self.__dict__.get("_limited")
+        if limited is None or limited._client is not client:
+            limited = LimitedClient(client, self.rate_limiter, self._estimate_request)
+            self.__dict__["_limited"] = limited
+        return limited
+
+    def _estimate_request(self, params: dict[str, Any]) -> int:
+        """Input tokens of a request convo makes outside a send (summaries), roughly."""
+        text = json.dumps([params.get("system"), params.get("messages")], ensure_ascii=False)
+        return self.token_counter.count(text)
 
     @property
     def summarizer(self) -> Summarizer:
         if self._summarizer is None:
-            self._summarizer = ClaudeSummarizer(lambda: self.client)
+            # Through the limiter: summaries count against the store's rate limits.
+            self._summarizer = ClaudeSummarizer(lambda: self.limited_client)
         return self._summarizer
 
     def close(self) -> None:
-        """Release the store's database connections."""
+        """Release the store's database connections (and the client it made, if it made one)."""
+        if self._own_client is not None:
+            self._own_client.close()
+            self._client = self._own_client = None
         self._db.close()
 
     def __enter__(self) -> ConversationStore:
@@ -340,6 +526,35 @@ class ConversationStore:
 
     def __repr__(self) -> str:
         return f"ConversationStore({self.url!r})"
+
+    def conversation_columns(self, attributes: Mapping[str, Any]) -> dict[str, Any]:
+        """Checked conversation attributes as stored: column name -> value.
+
+        Free text (system prompt, title, metadata) is redacted when
+        ``redact_storage`` is on, like every turn. ``user_id`` and ``model``
+        are identifiers and are kept as given.
+        """
+        redactor = self.storage_redactor
+        columns: dict[str, Any] = {}
+        for name, value in attributes.items():
+            if name == "user_id":
+                columns["user_id"] = _check_text("user_id", value, 255)
+            elif name == "model":
+                columns["model"] = _check_text("model", value, 100)
+            elif name == "token_budget":
+                columns["token_budget"] = _check_positive("token_budget", value)
+            elif name == "title":
+                title = _check_text("title", value, 500)
+                columns["title"] = redactor.redact_text(title) if redactor and title else title
+            elif name == "system":
+                system = _check_system(value)
+                columns["system"] = redactor.redact_system(system) if redactor else system
+            elif name == "metadata":
+                metadata = _check_metadata(value)
+                columns["metadata_"] = redactor.redact_json(metadata) if redactor else metadata
+            else:
+                raise InvalidInput(name, "is not an attribute of a conversation")
+        return columns
 
     def create(
         self,
@@ -357,12 +572,16 @@ class ConversationStore:
         now = utcnow()
         row = ConversationRow(
             id=new_conversation_id(),
-            user_id=_check_text("user_id", user_id, 255),
-            title=_check_text("title", title, 500),
-            model=_check_text("model", model, 100),
-            system=_check_system(system),
-            token_budget=_check_positive("token_budget", token_budget),
-            metadata_=_check_metadata(metadata),
+            **self.conversation_columns(
+                {
+                    "user_id": user_id,
+                    "title": title,
+                    "model": model,
+                    "system": system,
+                    "token_budget": token_budget,
+                    "metadata": metadata,
+                }
+            ),
             last_seq=0,
             archived_through_seq=0,
             created_at=now,
@@ -409,6 +628,7 @@ class ConversationStore:
 
         Read a page at a time, so any number of conversations can be walked.
         """
+        check_time("since", since)
         from ._conversation import Conversation
 
         before: str | None = None
@@ -429,21 +649,77 @@ class ConversationStore:
             before = rows[-1].id
 
     def search(
-        self, query: str, *, conversation_id: str | None = None, limit: int = 20
+        self,
+        query: str,
+        *,
+        conversation_id: str | None = None,
+        limit: int = 20,
+        role: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
     ) -> builtins.list[SearchHit]:
-        """Turns whose text has every word of ``query``, newest first, with snippets.
+        """Turns matching every term of ``query``, newest first, with snippets.
 
-        Covers the whole history (archived turns too), using the database's
-        own full-text index.
+        Terms are words, prefixes (``refund*``) and ``"quoted phrases"``.
+        ``role`` keeps only user or assistant turns; ``since``/``until`` (aware
+        datetimes) bound when the turns were written. Covers the whole history
+        (archived turns too), using the database's own full-text index.
         """
         _check_positive("limit", limit)
         with self._db.transaction() as session:
             if conversation_id is not None:
                 self._row(session, conversation_id)
-            return run_search(session, query, conversation_id=conversation_id, limit=limit)
+            return run_search(
+                session,
+                query,
+                conversation_id=conversation_id,
+                limit=limit,
+                role=role,
+                since=since,
+                until=until,
+            )
+
+    def recall(
+        self,
+        query: str,
+        *,
+        user_id: str | None = None,
+        conversation_id: str | None = None,
+        k: int = DEFAULT_K,
+    ) -> builtins.list[RecallHit]:
+        """The ``k`` turns most relevant to ``query``, live or archived, best first.
+
+        Any word of ``query`` may match, by its stem ("trams" finds "tram");
+        stop words are dropped; ranking is the database's own (FTS5 ``bm25``,
+        PostgreSQL ``ts_rank_cd``, MySQL/MariaDB natural-language relevance).
+        ``user_id`` keeps to that user's conversations, ``conversation_id`` to
+        one conversation. A query with no word raises :class:`InvalidInput`;
+        one of stop words only finds nothing. Only the first 4,000 characters
+        and 32 distinct words of ``query`` are used.
+        """
+        terms = query_terms(query)
+        _check_positive("k", k)
+        _check_text("user_id", user_id, 255)
+        with self._db.transaction() as session:
+            if conversation_id is not None:
+                self._row(session, conversation_id)
+            return run_recall(session, terms, conversation_id=conversation_id, user_id=user_id, k=k)
+
+    def recall_for(self, query: RecallQuery, k: int) -> builtins.list[RecallHit]:
+        """The hits for a request's recall lookup (see ``_recall.plan``)."""
+        with self._db.transaction() as session:
+            return run_recall(
+                session,
+                query.terms,
+                conversation_id=query.conversation_id,
+                user_id=query.user_id,
+                exclude=(query.exclude_conversation, query.exclude_from_seq),
+                k=k,
+            )
 
     def message_total(self, *, user_id: str | None = None, since: datetime | None = None) -> int:
         """How many turns the conversations chosen by these filters hold."""
+        check_time("since", since)
         query = select(func.coalesce(func.sum(ConversationRow.last_seq), 0))
         if user_id is not None:
             query = query.where(ConversationRow.user_id == user_id)
@@ -458,28 +734,47 @@ class ConversationStore:
         Returns (conversations, messages) deleted (or that would be, with
         ``dry_run``).
         """
-        if older_than.total_seconds() <= 0:
-            raise InvalidInput("older_than", "must be a positive duration")
+        stale = self.stale(older_than=older_than)
+        if dry_run:
+            return len(stale), sum(c.message_count for c in stale)
+        return self.delete_many([c.id for c in stale])
+
+    def stale(self, *, older_than: timedelta) -> builtins.list[Conversation]:
+        """The conversations with no activity for ``older_than``, least recent first."""
+        from ._conversation import Conversation
+
+        check_duration("older_than", older_than)
         cutoff = utcnow() - older_than
-        conversations = messages = 0
         with self._db.transaction() as session:
-            stale = session.execute(
-                select(ConversationRow.id, ConversationRow.last_seq).where(
-                    ConversationRow.updated_at < cutoff
-                )
+            rows = session.scalars(
+                select(ConversationRow)
+                .where(ConversationRow.updated_at < cutoff)
+                .order_by(ConversationRow.updated_at)
             ).all()
-        for conversation_id, last_seq in stale:
-            if not dry_run:
+        return [Conversation(self, row) for row in rows]
+
+    def delete_many(self, conversation_ids: Sequence[str]) -> tuple[int, int]:
+        """Delete these conversations; returns (conversations, messages) deleted.
+
+        One gone meanwhile is skipped.
+        """
+        conversations = messages = 0
+        for conversation_id in conversation_ids:
+            with self._db.transaction() as session:
                 try:
-                    self.delete(conversation_id)
+                    turns = self._row(session, conversation_id).last_seq
                 except ConversationNotFound:
-                    continue  # deleted meanwhile
+                    continue
+            try:
+                self.delete(conversation_id)
+            except ConversationNotFound:
+                continue  # deleted meanwhile
             conversations += 1
-            messages += last_seq
+            messages += turns
         return conversations, messages
 
     def verify(self) -> builtins.list[str]:
-        """Check every conversation: seq continuity, archive coverage, every block's checksum.
+        """Check every conversation against the rules in :mod:`convo._verify`.
 
         Returns the faults found (empty when all is well). Reads everything.
         """
@@ -489,40 +784,35 @@ class ConversationStore:
         return faults
 
     def _verify_conversation(self, conversation_id: str) -> builtins.list[str]:
-        faults: builtins.list[str] = []
+        # Content is read as the stored text, so an undecodable value is a finding.
         with self._db.transaction() as session:
             row = self._row(session, conversation_id)
-            rows = session.execute(
-                select(MessageRow.seq, MessageRow.content.is_(None))
-                .where(MessageRow.conversation_id == conversation_id)
-                .order_by(MessageRow.seq)
-            ).all()
-            blocks = session.scalars(
-                select(ArchiveBlockRow)
-                .where(ArchiveBlockRow.conversation_id == conversation_id)
-                .order_by(ArchiveBlockRow.first_seq)
-            ).all()
-        seqs = [seq for seq, _ in rows]
-        if seqs != list(range(1, row.last_seq + 1)):
-            missing = sorted(set(range(1, row.last_seq + 1)) - set(seqs))
-            faults.append(
-                f"{conversation_id}: turns are not numbered 1-{row.last_seq} without gaps"
-                + (f" (missing {missing[:10]})" if missing else "")
-            )
-        covered: set[int] = set()
-        for block in blocks:
-            # A corrupted block is one fault, not one per turn it holds.
-            covered.update(range(block.first_seq, block.last_seq + 1))
-            try:
-                _archive.unpack(
-                    conversation_id, block.first_seq, block.last_seq, block.payload, block.checksum
+            turns = [
+                _verify.StoredTurn(seq, role, raw)
+                for seq, role, raw in session.execute(
+                    select(MessageRow.seq, MessageRow.role, cast(MessageRow.content, Text))
+                    .where(MessageRow.conversation_id == conversation_id)
+                    .order_by(MessageRow.seq)
                 )
-            except ArchiveCorrupted as exc:
-                faults.append(str(exc))
-        for seq, archived in rows:
-            if archived and seq not in covered:
-                faults.append(f"{conversation_id}: turn {seq} is archived but no block holds it")
-        return faults
+            ]
+            blocks = [
+                _verify.StoredBlock(*block)
+                for block in session.execute(
+                    select(
+                        ArchiveBlockRow.first_seq,
+                        ArchiveBlockRow.last_seq,
+                        ArchiveBlockRow.payload,
+                        ArchiveBlockRow.checksum,
+                    )
+                    .where(ArchiveBlockRow.conversation_id == conversation_id)
+                    .order_by(ArchiveBlockRow.first_seq)
+                )
+            ]
+            summaries = session.scalars(
+                select(SummaryRow.through_seq).where(SummaryRow.conversation_id == conversation_id)
+            ).all()
+        facts = _verify.StoredConversation(row.id, row.last_seq, row.archived_through_seq)
+        return _verify.check_conversation(facts, turns, blocks, summaries)
 
     def delete(self, conversation_id: str) -> None:
         """Delete a conversation with all its turns, archive blocks and summaries."""
@@ -531,6 +821,104 @@ class ConversationStore:
             for table in (SearchTextRow, MessageRow, ArchiveBlockRow, SummaryRow):
                 session.execute(delete(table).where(table.conversation_id == conversation_id))
             session.execute(delete(ConversationRow).where(ConversationRow.id == conversation_id))
+
+    def find(self, reference: str) -> Conversation:
+        """The conversation whose id is ``reference`` or starts with it.
+
+        ``conv_`` may be left out (``01JD8`` finds ``conv_01JD8...``). Raises
+        :class:`ConversationNotFound` if none matches, and :class:`InvalidInput`
+        listing the candidates if more than one does.
+        """
+        from ._conversation import Conversation
+
+        text = str(reference).strip()
+        body = text[len(ID_PREFIX) :] if text.lower().startswith(ID_PREFIX) else text
+        if not body or not is_id_prefix(body):
+            raise ConversationNotFound(text)
+        prefix = ID_PREFIX + body.upper()
+        query = (
+            select(ConversationRow)
+            .where(ConversationRow.id.startswith(prefix, autoescape=True))
+            .order_by(ConversationRow.id)  # a whole id sorts before the longer ones
+            .limit(FIND_CANDIDATES + 1)
+        )
+        with self._db.transaction() as session:
+            rows = session.scalars(query).all()
+        if not rows:
+            raise ConversationNotFound(text)
+        if len(rows) > 1 and rows[0].id != prefix:
+            shown = ", ".join(r.id for r in rows[:FIND_CANDIDATES])
+            more = " and more" if len(rows) > FIND_CANDIDATES else ""
+            raise InvalidInput(
+                "id", f"{text!r} matches several conversations ({shown}{more}); give more of it"
+            )
+        return Conversation(self, rows[0])
+
+    def latest(self, *, user_id: str | None = None) -> Conversation | None:
+        """The conversation with the most recent activity (optionally one user's), if any."""
+        from ._conversation import Conversation
+
+        query = (
+            select(ConversationRow)
+            .order_by(ConversationRow.updated_at.desc(), ConversationRow.id.desc())
+            .limit(1)
+        )
+        if user_id is not None:
+            query = query.where(ConversationRow.user_id == user_id)
+        with self._db.transaction() as session:
+            row = session.scalars(query).one_or_none()
+        return None if row is None else Conversation(self, row)
+
+    def replace_turn(self, conversation_id: str, seq: int, turn: Turn) -> ConversationRow:
+        """Store ``turn``'s content and token count as live turn ``seq``'s (locked)."""
+        with self._db.transaction(write=True) as session:
+            conversation = self._editable(session, conversation_id, range(seq, seq + 1))
+            session.execute(
+                update(MessageRow)
+                .where(MessageRow.conversation_id == conversation_id, MessageRow.seq == seq)
+                .values(content=turn.content, token_count=turn.token_count)
+            )
+            session.execute(
+                delete(SearchTextRow).where(
+                    SearchTextRow.conversation_id == conversation_id, SearchTextRow.seq == seq
+                )
+            )
+            searchable = searchable_text(turn.content)
+            if searchable:
+                session.add(
+                    SearchTextRow(conversation_id=conversation_id, seq=seq, text=searchable)
+                )
+            conversation.updated_at = utcnow()
+            return conversation
+
+    def delete_turns(self, conversation_id: str, seqs: range) -> ConversationRow:
+        """Delete live turns ``seqs`` and renumber the later ones, so seqs stay gap-free."""
+        with self._db.transaction(write=True) as session:
+            conversation = self._editable(session, conversation_id, seqs)
+            for table in (SearchTextRow, MessageRow):
+                where = (table.conversation_id == conversation_id,)
+                session.execute(delete(table).where(*where, table.seq.between(seqs[0], seqs[-1])))
+                # Two steps through negative numbers: a unique (conversation, seq)
+                # must hold after every row on every backend.
+                later = (*where, table.seq > seqs[-1])
+                session.execute(update(table).where(*later).values(seq=-table.seq))
+                session.execute(
+                    update(table).where(*where, table.seq < 0).values(seq=-table.seq - len(seqs))
+                )
+            conversation.last_seq -= len(seqs)
+            conversation.updated_at = utcnow()
+            return conversation
+
+    def _editable(self, session: Session, conversation_id: str, seqs: range) -> ConversationRow:
+        """The locked row of a conversation whose turns ``seqs`` may change now."""
+        conversation = self._row(session, conversation_id, lock=True)
+        if conversation.busy_until is not None and conversation.busy_until > utcnow():
+            raise ConversationBusy(conversation_id, conversation.busy_until)
+        if seqs[0] <= conversation.archived_through_seq or seqs[-1] > conversation.last_seq:
+            raise InvalidInput(
+                "seq", f"turns {seqs[0]}-{seqs[-1]} are not all live turns of {conversation_id}"
+            )
+        return conversation
 
     # -- turns ---------------------------------------------------------------
 
@@ -550,10 +938,9 @@ class ConversationStore:
         """Raw tokens one turn with these blocks adds to a request."""
         return count_turn(self.token_counter, blocks)
 
-    @functools.lru_cache(maxsize=256)  # noqa: B019 - the store lives as long as its cache
     def count_text(self, text: str) -> int:
         """Raw tokens of a text (system prompts and summaries; cached)."""
-        return self.token_counter.count(text)
+        return self.cached_counter.count(text)
 
     def make_turn(self, role: object, content: object, **fields: Any) -> Turn:
         """Check, redact (``redact_storage``) and count a turn for storing.
@@ -561,8 +948,25 @@ class ConversationStore:
         :class:`InvalidMessage` names what is wrong.
         """
         checked_role = validate_role(role)
-        blocks = self.for_storage(normalize_content(content))
+        normalized = normalize_content(content)
+        check_placement(checked_role, normalized)
+        blocks = self.for_storage(normalized)
+        self._check_storable(blocks)
         return Turn(checked_role, blocks, self.count(blocks), **fields)
+
+    def _check_storable(self, blocks: builtins.list[Block]) -> None:
+        """Refuse a turn the database would drop the connection over (MySQL's packet limit)."""
+        limit = self._db.max_statement_bytes()
+        if limit is None:
+            return
+        size = len(json.dumps(blocks, ensure_ascii=False).encode())
+        if size > limit - STATEMENT_MARGIN:
+            raise MessageTooLarge(
+                "content",
+                f"is {size:,} bytes as JSON; this MySQL/MariaDB server takes at most "
+                f"{limit:,} bytes in one statement (max_allowed_packet); raise that setting "
+                "on the server to store it. Nothing was stored",
+            )
 
     def for_storage(self, blocks: builtins.list[Block]) -> builtins.list[Block]:
         """Blocks as they are stored: redacted if ``redact_storage`` is on."""
@@ -570,10 +974,35 @@ class ConversationStore:
         return blocks if redactor is None else redactor.redact_blocks(blocks)
 
     def append(self, conversation_id: str, turn: Turn) -> tuple[Message, ConversationRow]:
-        """Append ``turn`` as the conversation's next seq, atomically."""
+        """Append ``turn`` as the conversation's next seq, atomically.
+
+        A turn with an idempotency key that is already stored is not written
+        again: the stored one is returned.
+        """
+        if self.auto_replay:
+            self.replay_outbox(quiet=True)
         with self._db.transaction(write=True) as session:
             conversation = self._row(session, conversation_id, lock=True)
+            existing = self._keyed(session, conversation_id, turn.key)
+            if existing is not None:
+                return existing, conversation
             return self._append_locked(session, conversation, turn)
+
+    def _keyed(self, session: Session, conversation_id: str, key: str | None) -> Message | None:
+        """The stored turn with idempotency ``key`` in the conversation, if any."""
+        if key is None:
+            return None
+        row = session.scalars(
+            select(MessageRow).where(
+                MessageRow.conversation_id == conversation_id, MessageRow.key == key
+            )
+        ).one_or_none()
+        if row is None:
+            return None
+        content = row.content
+        if content is None:
+            content = self._archived_content(session, conversation_id, [row])[row.seq]
+        return _message(row, content)
 
     def claim_and_append(
         self, conversation_id: str, turn: Turn
@@ -582,54 +1011,216 @@ class ConversationStore:
 
         Raises :class:`ConversationBusy` (writing nothing) while another
         send's claim holds. Returns the claim's owner token for :meth:`release`.
+        With an idempotency key already stored, the stored user turn is claimed
+        again instead (its reply is then sent for anew), or, if its reply is
+        stored too, :class:`AlreadyAnswered` carries that reply.
         """
+        if self.auto_replay:
+            self.replay_outbox(quiet=True)
         with self._db.transaction(write=True) as session:
             conversation = self._row(session, conversation_id, lock=True)
             now = utcnow()
             if conversation.busy_until is not None and conversation.busy_until > now:
-                raise ConversationBusy(conversation_id, conversation.busy_until.isoformat())
+                raise ConversationBusy(conversation_id, conversation.busy_until)
+            existing = self._keyed(session, conversation_id, turn.key)
+            if existing is not None and turn.key is not None:
+                reply = self._keyed(session, conversation_id, reply_key(turn.key))
+                if reply is not None:
+                    raise AlreadyAnswered(reply)
             owner = secrets.token_hex(8)
             conversation.busy_until = now + timedelta(seconds=self.send_lease)
             conversation.busy_owner = owner
+            if existing is not None:
+                if existing.status == "failed":  # sent again now: no longer a failed turn
+                    session.execute(
+                        update(MessageRow)
+                        .where(
+                            MessageRow.conversation_id == conversation_id,
+                            MessageRow.seq == existing.seq,
+                        )
+                        .values(status="complete")
+                    )
+                    existing = replace(existing, status="complete")
+                return existing, conversation, owner
             message, row = self._append_locked(session, conversation, turn)
             return message, row, owner
 
-    def release(self, conversation_id: str, owner: str) -> None:
-        """End a send's claim (if it is still the owner's)."""
+    def renew(self, conversation_id: str, owner: str) -> bool:
+        """Extend a live send's claim by one lease; False if it is no longer the owner's."""
+        with self._db.transaction(write=True) as session:
+            result = session.execute(
+                update(ConversationRow)
+                .where(ConversationRow.id == conversation_id, ConversationRow.busy_owner == owner)
+                .values(busy_until=utcnow() + timedelta(seconds=self.send_lease))
+            )
+            return bool(getattr(result, "rowcount", 0))
+
+    def release(self, conversation_id: str, owner: str | None = None) -> bool:
+        """End a send's claim: the owner's (``owner``), or whoever holds it (None).
+
+        Returns True if a claim was cleared.
+        """
         with self._db.transaction(write=True) as session:
             conversation = self._row(session, conversation_id, lock=True)
-            if conversation.busy_owner == owner:
+            if conversation.busy_owner is None and conversation.busy_until is None:
+                return False
+            if owner is not None and conversation.busy_owner != owner:
+                return False
+            conversation.busy_until = None
+            conversation.busy_owner = None
+            return True
+
+    # -- the outbox ----------------------------------------------------------
+
+    @functools.cached_property
+    def outbox(self) -> Outbox:
+        """Replies that were billed but could not be written: see :mod:`convo._outbox`."""
+        return Outbox(outbox_path(self._url.render_as_string(hide_password=False)), self.url)
+
+    def spool_reply(self, conversation_id: str, user_seq: int, owner: str, turn: Turn) -> str:
+        """Keep a reply the database could not take in the outbox, durably."""
+        return self.outbox.add(conversation_id, user_seq, owner, _turn_json(turn))
+
+    def pending_replies(self) -> builtins.list[PendingReply]:
+        """Replies waiting in the outbox for this database."""
+        return self.outbox.pending()
+
+    def replay_outbox(self, *, quiet: bool = False) -> int:
+        """Write the outbox's pending replies into their conversations; return how many.
+
+        A reply already stored (the same request id, or idempotency key, in
+        its conversation) is not written again. Each written reply also ends
+        the claim of the send that made it. With ``quiet``, a database that is
+        still unavailable is not an error (the replies stay pending).
+        """
+        if not self.outbox.has_pending():
+            return 0
+        written = 0
+        try:
+            with self.outbox.draining() as (entries, done):
+                for entry in entries:
+                    if self._replay_one(entry):
+                        written += 1
+                    done.add(entry.id)
+        except (DatabaseUnavailable, sa_exc.SQLAlchemyError):
+            if not quiet:
+                raise
+            logger.warning("outbox: the database is still unavailable; replies stay pending")
+        return written
+
+    def _replay_one(self, entry: PendingReply) -> bool:
+        turn = Turn(**entry.turn)
+        with self._db.transaction(write=True) as session:
+            try:
+                conversation = self._row(session, entry.conversation_id, lock=True)
+            except ConversationNotFound:
+                logger.warning(
+                    "outbox: conversation %s was deleted; its pending reply is dropped",
+                    entry.conversation_id,
+                )
+                return False
+            if self._keyed(session, entry.conversation_id, turn.key) is not None:
+                written = True
+            elif turn.request_id is not None:
+                written = (
+                    session.scalar(
+                        select(func.count())
+                        .select_from(MessageRow)
+                        .where(
+                            MessageRow.conversation_id == entry.conversation_id,
+                            MessageRow.request_id == turn.request_id,
+                        )
+                    )
+                    or 0
+                ) > 0
+            else:
+                written = False
+            if not written:
+                self._append_locked(session, conversation, turn)
+            if conversation.busy_owner == entry.owner:
                 conversation.busy_until = None
                 conversation.busy_owner = None
+        if not written:
+            logger.info(
+                "outbox: wrote the pending reply to turn %d of %s",
+                entry.user_seq,
+                entry.conversation_id,
+                extra={"conversation_id": entry.conversation_id},
+            )
+        return not written
+
+    def append_many(
+        self, conversation_id: str, turns: Sequence[Turn]
+    ) -> tuple[builtins.list[Message], ConversationRow]:
+        """Append ``turns`` as the next seqs, in one transaction: all or none."""
+        with self._db.transaction(write=True) as session:
+            conversation = self._row(session, conversation_id, lock=True)
+            return self._insert_locked(session, conversation, turns), conversation
 
     def _append_locked(
         self, session: Session, conversation: ConversationRow, turn: Turn
     ) -> tuple[Message, ConversationRow]:
+        return self._insert_locked(session, conversation, [turn])[0], conversation
+
+    def _insert_locked(
+        self, session: Session, conversation: ConversationRow, turns: Sequence[Turn]
+    ) -> builtins.list[Message]:
+        """Insert turns after ``last_seq`` (the conversation's row is locked)."""
         now = utcnow()
-        conversation.last_seq += 1
+        first = conversation.last_seq + 1
+        conversation.last_seq += len(turns)
         conversation.updated_at = now
-        row = MessageRow(
-            conversation_id=conversation.id,
-            seq=conversation.last_seq,
-            role=turn.role,
-            content=turn.content,
-            token_count=turn.token_count,
-            status=turn.status,
-            model=turn.model,
-            stop_reason=turn.stop_reason,
-            usage=turn.usage,
-            request_id=turn.request_id,
-            latency_ms=turn.latency_ms,
-            created_at=now,
-        )
-        session.add(row)
-        searchable = searchable_text(turn.content)
-        if searchable:
-            session.add(
-                SearchTextRow(conversation_id=conversation.id, seq=row.seq, text=searchable)
+        messages = [
+            Message(
+                conversation_id=conversation.id,
+                seq=seq,
+                role=validate_role(turn.role),
+                content=turn.content,
+                token_count=turn.token_count,
+                created_at=now,
+                status=turn.status,
+                model=turn.model,
+                stop_reason=turn.stop_reason,
+                usage=turn.usage,
+                request_id=turn.request_id,
+                latency_ms=turn.latency_ms,
             )
-        session.flush()
-        return _message(row, turn.content), conversation
+            for seq, turn in enumerate(turns, start=first)
+        ]
+        # Core inserts (executemany): many turns cost one round trip per batch.
+        session.execute(
+            insert(MessageRow),
+            [{**_row_values(m), "key": t.key} for m, t in zip(messages, turns, strict=True)],
+        )
+        searchable = [
+            {"conversation_id": conversation.id, "seq": m.seq, "text": text}
+            for m in messages
+            if (text := searchable_text(m.content))
+        ]
+        if searchable:
+            session.execute(insert(SearchTextRow), searchable)
+        return messages
+
+    def set_excluded(self, conversation_id: str, seq: int, excluded: bool) -> None:
+        """Mark a live turn excluded from requests (or include it again); it stays stored."""
+        _check_positive("seq", seq)
+        with self._db.transaction(write=True) as session:
+            conversation = self._row(session, conversation_id, lock=True)
+            row = session.scalars(
+                select(MessageRow).where(
+                    MessageRow.conversation_id == conversation_id, MessageRow.seq == seq
+                )
+            ).one_or_none()
+            if row is None:
+                raise InvalidInput("seq", f"conversation {conversation_id} has no turn {seq}")
+            if seq <= conversation.archived_through_seq:
+                raise InvalidInput(
+                    "seq", f"turn {seq} is archived: it is no longer sent (its summary is)"
+                )
+            if excluded:
+                row.status = "excluded"
+            elif row.status == "excluded":
+                row.status = "complete"
 
     def set_status(
         self, conversation_id: str, seq: int, status: Status, *, model: str | None = None
@@ -645,11 +1236,10 @@ class ConversationStore:
                 .values(**values)
             )
 
-    def history(self, conversation_id: str) -> Iterator[Message]:
-        """Every turn in order, archived ones read back from their blocks."""
+    def history(self, conversation_id: str, *, after: int = 0) -> Iterator[Message]:
+        """Every turn (after seq ``after``) in order, archived ones read back from their blocks."""
         with self._db.transaction() as session:
             self._row(session, conversation_id)
-        after = 0
         while True:
             with self._db.transaction() as session:
                 rows = session.scalars(
@@ -665,6 +1255,31 @@ class ConversationStore:
                 content = row.content if row.content is not None else archived[row.seq]
                 yield _message(row, content)
             after = rows[-1].seq
+
+    def archive_blocks(self, conversation_id: str) -> Iterator[ArchiveBlockRow]:
+        """The conversation's archive blocks as stored, in seq order, read in batches."""
+        return self._rows_in_order(ArchiveBlockRow, ArchiveBlockRow.first_seq, conversation_id)
+
+    def summaries(self, conversation_id: str) -> Iterator[SummaryRow]:
+        """Every summary the conversation's compactions made, oldest first, in batches."""
+        return self._rows_in_order(SummaryRow, SummaryRow.through_seq, conversation_id)
+
+    def _rows_in_order(
+        self, table: type[_Row], key: Any, conversation_id: str, batch: int = 100
+    ) -> Iterator[_Row]:
+        after = -1
+        while True:
+            with self._db.transaction() as session:
+                rows = session.scalars(
+                    select(table)
+                    .where(table.conversation_id == conversation_id, key > after)
+                    .order_by(key)
+                    .limit(batch)
+                ).all()
+            if not rows:
+                return
+            yield from rows
+            after = getattr(rows[-1], key.key)
 
     def _archived_content(
         self, session: Session, conversation_id: str, rows: Sequence[MessageRow]
@@ -700,133 +1315,236 @@ class ConversationStore:
     # -- the live window -------------------------------------------------------
 
     def live_state(self, conversation_id: str) -> LiveState:
-        """The conversation, its latest summary and its live turns, read together.
+        """The conversation, its latest summary and all its live turns, read together.
 
-        Only the columns the context engine uses are read: this runs before
-        every request, and its cost follows the live window, not the history.
+        Reads every live turn: for tools and tests. Requests read only what
+        they can send (:meth:`window_head`, :meth:`live_turns`).
         """
         with self._db.transaction() as session:
             row = self._row(session, conversation_id)
-            summary_row = session.execute(
-                select(SummaryRow.text, SummaryRow.through_seq, SummaryRow.token_count)
-                .where(
-                    SummaryRow.conversation_id == conversation_id,
-                    SummaryRow.through_seq == row.archived_through_seq,
-                )
-                .limit(1)
-            ).one_or_none()
-            rows = session.execute(
-                select(
-                    MessageRow.seq,
-                    MessageRow.role,
-                    MessageRow.content,
-                    MessageRow.token_count,
-                    MessageRow.status,
-                    MessageRow.model,
-                )
-                .where(
-                    MessageRow.conversation_id == conversation_id,
-                    MessageRow.seq > row.archived_through_seq,
-                )
-                .order_by(MessageRow.seq)
-            ).all()
-        summary = None
-        if summary_row is not None:
-            # Its token count (summary header included) was stored when it was made.
-            summary = SummaryPart(
-                summary_row.text, summary_row.through_seq, summary_row.token_count
+            summary = self._summary(session, row)
+            turns = self._live_turns(
+                session,
+                conversation_id,
+                row.archived_through_seq + 1,
+                row.last_seq,
+                newest_first=False,
+                limit=max(row.last_seq, 1),
             )
-        turns = [
-            LiveTurn(r.seq, r.role, r.content or [], r.token_count, r.status, r.model) for r in rows
-        ]
         return LiveState(row, summary, turns)
 
-    def compact(self, state: LiveState, archive_count: int) -> Compaction | None:
-        """Archive the first ``archive_count`` live turns and store a new summary.
+    def window_head(self, conversation_id: str) -> tuple[ConversationRow, SummaryPart | None]:
+        """The conversation and its latest summary: one short read, whatever the history."""
+        with self._db.transaction() as session:
+            row = self._row(session, conversation_id)
+            return row, self._summary(session, row)
 
-        The summarizer runs outside any transaction. The archive is written in
-        one transaction under the conversation's lock, from the rows as they
-        are then, and only if nobody compacted meanwhile (else None). If the
-        summarizer fails, :class:`SummarizerFailed` is raised (after trying
-        ``summarizer_fallback``) and nothing changes.
-        """
-        from .errors import SummarizerFailed
-
-        turns = state.turns[:archive_count]
-        if not turns:
-            return None
-        previous = state.summary.text if state.summary else None
-        handed = [SummaryTurn(t.seq, t.role, t.content) for t in turns]
-        result: SummaryResult | None = None
-        failures = []
-        for summarizer in (self.summarizer, self.summarizer_fallback):
-            if summarizer is None:
-                continue
-            try:
-                made = summarizer.summarize(previous, handed)
-            except Exception as exc:
-                failures.append(f"{type(summarizer).__name__}: {type(exc).__name__}: {exc}")
-                logger.warning(
-                    "summarizer %s failed for %s: %s",
-                    type(summarizer).__name__,
-                    state.row.id,
-                    exc,
-                    extra={"conversation_id": state.row.id},
-                )
-                continue
-            result = made if isinstance(made, SummaryResult) else SummaryResult(str(made))
-            # A summary is derived text, not history: NULs (which PostgreSQL's
-            # text cannot hold) may go.
-            result = replace(result, text=result.text.replace("\x00", "\ufffd"))
-            if result.text.strip():
-                break
-            failures.append(f"{type(summarizer).__name__}: returned an empty summary")
-            result = None
-        if result is None:
-            raise SummarizerFailed(
-                f"could not summarize turns {turns[0].seq}-{turns[-1].seq} of {state.row.id}; "
-                f"they stay live ({'; '.join(failures)})"
+    @staticmethod
+    def _summary(session: Session, row: ConversationRow) -> SummaryPart | None:
+        found = session.execute(
+            select(SummaryRow.text, SummaryRow.through_seq, SummaryRow.token_count)
+            .where(
+                SummaryRow.conversation_id == row.id,
+                SummaryRow.through_seq == row.archived_through_seq,
             )
-        return self._write_archive(state, turns[0].seq, turns[-1].seq, result)
+            .limit(1)
+        ).one_or_none()
+        if found is None:
+            return None
+        # Its token count (summary header included) was stored when it was made.
+        return SummaryPart(found.text, found.through_seq, found.token_count)
 
-    def _write_archive(
-        self, state: LiveState, first_seq: int, last_seq: int, result: SummaryResult
+    @staticmethod
+    def _live_turns(
+        session: Session,
+        conversation_id: str,
+        low: int,
+        high: int,
+        *,
+        newest_first: bool,
+        limit: int,
+    ) -> builtins.list[LiveTurn]:
+        order = MessageRow.seq.desc() if newest_first else MessageRow.seq
+        rows = session.execute(
+            select(
+                MessageRow.seq,
+                MessageRow.role,
+                MessageRow.content,
+                MessageRow.token_count,
+                MessageRow.status,
+                MessageRow.model,
+            )
+            .where(
+                MessageRow.conversation_id == conversation_id,
+                MessageRow.seq.between(low, high),
+                # Turns excluded with conv.exclude() stay stored but are never sent.
+                MessageRow.status != "excluded",
+            )
+            .order_by(order)
+            .limit(limit)
+        ).all()
+        return [
+            LiveTurn(r.seq, r.role, r.content or [], r.token_count, r.status, r.model) for r in rows
+        ]
+
+    def live_turns(
+        self,
+        conversation_id: str,
+        *,
+        first_seq: int,
+        last_seq: int,
+        newest_first: bool,
+        enough: Callable[[builtins.list[LiveTurn]], bool],
+    ) -> tuple[builtins.list[LiveTurn], bool]:
+        """Live turns between two seqs, oldest first, read in batches until ``enough(turns)``.
+
+        ``newest_first`` reads back from ``last_seq`` (batches of 128, doubling),
+        else forward from ``first_seq`` (batches of 1,000). The flag returned
+        says every turn of the range was read.
+        """
+        with self._db.transaction() as session:
+            return self._read_turns(
+                session, conversation_id, first_seq, last_seq, newest_first, enough
+            )
+
+    def live_window(
+        self,
+        conversation_id: str,
+        reader: Callable[
+            [ConversationRow, SummaryPart | None],
+            tuple[int, Callable[[builtins.list[LiveTurn]], bool]],
+        ],
+    ) -> tuple[ConversationRow, SummaryPart | None, builtins.list[LiveTurn], bool]:
+        """The conversation, its summary and its newest live turns, in one read.
+
+        ``reader(row, summary)`` says from which seq on, and when the turns read
+        newest first are enough (see :meth:`live_turns`).
+        """
+        with self._db.transaction() as session:
+            row = self._row(session, conversation_id)
+            summary = self._summary(session, row)
+            first_seq, enough = reader(row, summary)
+            turns, reached = self._read_turns(
+                session, conversation_id, first_seq, row.last_seq, True, enough
+            )
+        return row, summary, turns, reached
+
+    def _read_turns(
+        self,
+        session: Session,
+        conversation_id: str,
+        first_seq: int,
+        last_seq: int,
+        newest_first: bool,
+        enough: Callable[[builtins.list[LiveTurn]], bool],
+    ) -> tuple[builtins.list[LiveTurn], bool]:
+        turns: builtins.list[LiveTurn] = []
+        low, high = first_seq, last_seq
+        batch = TAIL_BATCH if newest_first else CHUNK_BATCH
+        while low <= high:
+            more = self._live_turns(
+                session, conversation_id, low, high, newest_first=newest_first, limit=batch
+            )
+            if not more:
+                break
+            if newest_first:
+                more.reverse()
+                turns = more + turns
+                high = more[0].seq - 1
+            else:
+                turns.extend(more)
+                low = more[-1].seq + 1
+            if low <= high and enough(turns):
+                return turns, False
+            batch = min(batch * 2, CHUNK_BATCH)
+        return turns, True
+
+    def set_compaction_state(
+        self,
+        conversation_id: str,
+        *,
+        window_start_seq: int | None = None,
+        backoff: Backoff | None = None,
+    ) -> None:
+        """Persist where requests start and/or the summarizer's backoff."""
+        values: dict[str, Any] = {}
+        if window_start_seq is not None:
+            values["window_start_seq"] = window_start_seq
+        if backoff is not None:
+            values["compaction_failures"] = backoff.failures
+            values["compaction_retry_at"] = backoff.retry_at
+        if not values:
+            return
+        with self._db.transaction(write=True) as session:
+            session.execute(
+                update(ConversationRow)
+                .where(ConversationRow.id == conversation_id)
+                .values(**values)
+            )
+
+    def write_chunk(
+        self,
+        conversation_id: str,
+        *,
+        archived_through_seq: int,
+        last_seq: int,
+        result: SummaryResult,
+        backoff: Backoff | None = None,
     ) -> Compaction | None:
-        conversation_id = state.row.id
+        """Archive turns ``archived_through_seq + 1 .. last_seq`` and store their summary.
+
+        One transaction under the conversation's lock: the archive blocks (at
+        most ``MAX_BLOCK_TURNS`` turns / ``MAX_BLOCK_BYTES`` each), the summary
+        row, the rows' content let go, and ``backoff`` if given. Only if nobody
+        compacted meanwhile (else None: their summary stands).
+        """
+        first_seq = archived_through_seq + 1
         summary_tokens = self.count_text(
             summary_block(SummaryPart(result.text, last_seq, 0))["text"]
         )
         with self._db.transaction(write=True) as session:
             row = self._row(session, conversation_id, lock=True)
-            if row.archived_through_seq != state.row.archived_through_seq:
+            if row.archived_through_seq != archived_through_seq:
                 return None  # another process compacted first; its summary stands
             in_range = (
                 MessageRow.conversation_id == conversation_id,
                 MessageRow.seq.between(first_seq, last_seq),
             )
-            rows = session.scalars(
-                select(MessageRow).where(*in_range).order_by(MessageRow.seq)
+            rows = session.execute(
+                select(MessageRow.seq, MessageRow.role, MessageRow.content)
+                .where(*in_range)
+                .order_by(MessageRow.seq)
             ).all()
             turns = [_archive.ArchivedTurn(r.seq, r.role, r.content or []) for r in rows]
-            packed = _archive.pack(turns)
-            # Prove the block reads back to exactly these turns before the rows let go.
-            unpacked = _archive.unpack(
-                conversation_id, packed.first_seq, packed.last_seq, packed.payload, packed.checksum
+            packed = _archive.pack_bounded(
+                turns, max_turns=MAX_BLOCK_TURNS, max_bytes=MAX_BLOCK_BYTES
             )
-            if unpacked != turns:
-                raise AssertionError("archive block does not read back to its turns")
             now = utcnow()
-            session.add(
-                ArchiveBlockRow(
-                    conversation_id=conversation_id,
-                    first_seq=packed.first_seq,
-                    last_seq=packed.last_seq,
-                    payload=packed.payload,
-                    checksum=packed.checksum,
-                    raw_bytes=packed.raw_bytes,
-                    created_at=now,
+            read_back: builtins.list[_archive.ArchivedTurn] = []
+            for block in packed:
+                # Prove each block reads back to exactly its turns before the rows let go.
+                read_back.extend(
+                    _archive.unpack(
+                        conversation_id,
+                        block.first_seq,
+                        block.last_seq,
+                        block.payload,
+                        block.checksum,
+                    )
                 )
-            )
+                session.add(
+                    ArchiveBlockRow(
+                        conversation_id=conversation_id,
+                        first_seq=block.first_seq,
+                        last_seq=block.last_seq,
+                        payload=block.payload,
+                        checksum=block.checksum,
+                        raw_bytes=block.raw_bytes,
+                        created_at=now,
+                    )
+                )
+            if read_back != turns:
+                raise AssertionError("archive blocks do not read back to their turns")
             session.add(
                 SummaryRow(
                     conversation_id=conversation_id,
@@ -841,6 +1559,9 @@ class ConversationStore:
             )
             session.execute(update(MessageRow).where(*in_range).values(content=None))
             row.archived_through_seq = last_seq
+            if backoff is not None:
+                row.compaction_failures = backoff.failures
+                row.compaction_retry_at = backoff.retry_at
         logger.info(
             "compacted turns %d-%d of %s (%s summary)",
             first_seq,
@@ -854,8 +1575,8 @@ class ConversationStore:
             last_seq,
             result.text,
             result.summarizer,
-            packed.raw_bytes,
-            len(packed.payload),
+            sum(b.raw_bytes for b in packed),
+            sum(len(b.payload) for b in packed),
         )
 
     def update_conversation(self, conversation_id: str, changes: dict[str, Any]) -> ConversationRow:
@@ -865,6 +1586,13 @@ class ConversationStore:
                 setattr(row, key, value)
             row.updated_at = utcnow()
             return row
+
+    def redacted_for_summary(self, turn: SummaryTurn) -> SummaryTurn:
+        """A turn as a summarizer may see it: redacted if ``redact_requests`` is on."""
+        redactor = self.request_redactor
+        if redactor is None:
+            return turn
+        return SummaryTurn(turn.seq, turn.role, redactor.redact_blocks(turn.content))
 
     def outbound(self, params: dict[str, Any]) -> dict[str, Any]:
         """The request as it leaves: redacted if ``redact_requests`` is on."""
@@ -895,6 +1623,7 @@ class ConversationStore:
         """
         if group_by is not None and group_by not in GROUPINGS:
             raise InvalidInput("group_by", f"must be one of {', '.join(GROUPINGS)}")
+        check_time("since", since)
         if conversation_id is not None:
             with self._db.transaction() as session:
                 self._row(session, conversation_id)
@@ -959,7 +1688,7 @@ class ConversationStore:
                             row.created_at,
                             row.usage,
                             row.latency_ms,
-                            failed=row.status != "complete",
+                            failed=row.status == "incomplete",
                         )
 
     # -- calibration -------------------------------------------------------------

@@ -92,7 +92,10 @@ class UsageStats:
     def add(self, record: CallRecord, prices: PriceTable) -> None:
         if record.failed:
             self.errors += 1
-            return
+            if not record.usage:
+                return
+        # A failed call with usage (a stream cut or cancelled mid-reply) was billed
+        # for what it reported: it counts as a request too.
         self.requests += 1
         usage = record.usage or {}
         self.input_tokens += int(usage.get("input_tokens") or 0)

@@ -1,6 +1,6 @@
 from importlib.metadata import PackageNotFoundError, version
 
 try:
-    __version__ = version("convo")
+    __version__ = version("convo-store")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"

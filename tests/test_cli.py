@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import create_engine, inspect
 
 from convo import ConversationStore, _migrations
 from convo._cli import cli
+from convo._database import resolve_url
 from convo._docs import cli_reference, commands
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,8 +48,17 @@ def test_db_upgrade_current_check_history(database_url: str) -> None:
 
 def test_db_downgrade_to_base_and_back(database_url: str) -> None:
     assert run("db", "upgrade", "--db", database_url)[0] == 0
-    code, out, _ = run("db", "downgrade", "base", "--db", database_url)
+    code, _, err = run("db", "downgrade", "base", "--db", database_url)
+    assert code == 2
+    assert "Refusing without --yes" in err
+    assert run("db", "current", "--db", database_url)[1].strip().endswith("(head)")
+    code, out, _ = run("db", "downgrade", "base", "--yes", "--db", database_url)
     assert (code, out.strip().endswith("base")) == (0, True)
+    engine = create_engine(resolve_url(database_url))
+    try:
+        assert [t for t in inspect(engine).get_table_names() if t.startswith("convo_")] == []
+    finally:
+        engine.dispose()
     assert run("db", "current", "--db", database_url)[1].startswith("none")
     assert run("db", "upgrade", "--db", database_url)[0] == 0
 
@@ -162,7 +173,13 @@ def test_show_prints_the_whole_history(migrated_url: str) -> None:
     assert '[calls tool search with {"q": "x"}]' in out
     assert "[tool result: found]" in out
     code, out, _ = run("show", conv_id, "--json", "--db", migrated_url)
-    records = json.loads(out)
+    shown = json.loads(out)
+    assert shown["conversation"]["title"] == "Demo"
+    assert shown["conversation"]["system"] == "Be brief."
+    assert shown["conversation"]["summary"] is None
+    assert shown["conversation"]["archived_through_seq"] == 0
+    assert shown["conversation"]["budget"] > 0
+    records = shown["messages"]
     assert [r["seq"] for r in records] == list(range(1, 9))
     assert records[0]["content"] == [{"type": "text", "text": "turn 0 🙂"}]
 
@@ -185,7 +202,10 @@ def test_compact_then_show_context_and_history(migrated_url: str) -> None:
     assert window["estimated_tokens"] <= window["budget"]
     assert window["request"]["messages"][0]["role"] == "user"
     # The history still holds every turn.
-    assert len(json.loads(run("show", conv_id, "--json", "--db", migrated_url)[1])) == 8
+    shown = json.loads(run("show", conv_id, "--json", "--db", migrated_url)[1])
+    assert len(shown["messages"]) == 8
+    assert shown["conversation"]["archived_through_seq"] == 4
+    assert shown["conversation"]["summary"].startswith("[Extractive summary")
     code, out, _ = run("compact", conv_id, "--offline", "--db", migrated_url)
     assert "Nothing to compact" in out
 
@@ -196,6 +216,8 @@ def test_compact_without_an_api_key_says_what_to_set(migrated_url: str) -> None:
     assert code == 1
     assert "ANTHROPIC_API_KEY" in err
     assert "stay live" in err
+    assert "use --offline" in err
+    assert err.count("could not summarize") == 1
     assert "Traceback" not in err
 
 

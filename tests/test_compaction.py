@@ -57,6 +57,14 @@ def _strip_marks(value: Any) -> Any:
     return value
 
 
+def _summary_in(body: dict[str, Any]) -> str | None:
+    """The summary a request carries: the first block of its first (user) message."""
+    first = body["messages"][0]["content"]
+    if isinstance(first, list) and first[0].get("text", "").startswith("<conversation_summary>"):
+        return str(first[0]["text"])
+    return None
+
+
 def _conversation_requests(fake: FakeMessagesAPI, model: str) -> list[Any]:
     return [r for r in fake.requests if r.path == "/v1/messages" and r.body["model"] == model]
 
@@ -83,8 +91,13 @@ def test_every_request_is_valid_and_within_budget(
         summarizer_calls = [r for r in fake_api.requests if r.body["model"] == "claude-haiku-5-5"]
         assert summarizer_calls  # compaction used Claude for the summary
         assert len(summarizer_calls) < 12  # hysteresis: rarely, not every turn
-        last_system = requests[-1].body["system"]
-        assert "Summary of" in last_system[-1]["text"]
+        summary = _summary_in(requests[-1].body)
+        assert summary is not None
+        assert "Summary of" in summary
+        assert "data, not as instructions" in summary
+        assert summary.endswith("</conversation_summary>")
+        # The system prompt is the caller's, unchanged: the summary has no system authority.
+        assert requests[-1].body["system"] == [{"type": "text", "text": conv.system}]
         assert conv.summary() is not None
 
 
@@ -146,7 +159,9 @@ def test_a_corrupted_block_is_reported_not_skipped(
 
 
 class Failing:
-    def summarize(self, previous: str | None, turns: Sequence[SummaryTurn]) -> str:
+    def summarize(
+        self, previous: str | None, turns: Sequence[SummaryTurn], *, target_tokens: int
+    ) -> str:
         raise RuntimeError("summarizer is down")
 
 
@@ -168,7 +183,8 @@ def test_a_failing_summarizer_loses_nothing_and_stays_within_budget(
         window = conv.window(max_tokens=200)
         assert window.omitted_seqs
         assert window.estimated_tokens <= window.budget
-        assert any("compaction failed" in note for note in window.notes)
+        # Failed once, then backing off: not retried on every turn.
+        assert any("compaction waits" in note for note in window.notes)
         for request in _conversation_requests(fake_api, store.model):
             assert request.status == 200
         with pytest.raises(SummarizerFailed, match="stay live"):
@@ -203,7 +219,8 @@ def test_requests_share_a_byte_identical_prefix_between_compactions(
         requests = _conversation_requests(fake_api, store.model)
     same_summary = 0
     for before, after in itertools.pairwise(requests):
-        if _strip_marks(before.body["system"]) != _strip_marks(after.body["system"]):
+        assert _strip_marks(before.body["system"]) == _strip_marks(after.body["system"])
+        if _summary_in(before.body) != _summary_in(after.body):
             continue  # a compaction happened in between: a new summary starts a new prefix
         same_summary += 1
         old = json.dumps(_strip_marks(before.body["messages"]))
@@ -251,12 +268,11 @@ def test_an_exchange_too_large_for_the_budget_is_refused_before_sending(
     with ConversationStore(migrated_url, token_budget=1_000) as store:
         conv = store.create()
         conv.add("user", "run the tool")
-        for i in range(8):
-            call = {"type": "tool_use", "id": f"t{i}", "name": "f", "input": {"i": i}}
-            conv.add("assistant", [call])
-            conv.add(
-                "user", [{"type": "tool_result", "tool_use_id": f"t{i}", "content": WORDS * 10}]
-            )
+        # The newest round of a tool loop is the least a request can carry: a
+        # call with a large input and its large result, each of which fits alone.
+        call = {"type": "tool_use", "id": "t0", "name": "f", "input": {"text": WORDS * 12}}
+        conv.add("assistant", [call])
+        conv.add("user", [{"type": "tool_result", "tool_use_id": "t0", "content": WORDS * 45}])
         with pytest.raises(ContextTooLarge, match="newest exchange"):
             conv.context()
 
@@ -296,7 +312,8 @@ def test_forced_compaction_archives_all_but_the_latest_exchange(
         assert done.stored_bytes < done.raw_bytes
         params = conv.context()
         assert [m["role"] for m in params["messages"]] == ["user"]
-        assert "turns 1-8 are archived" in params["system"][-1]["text"]
+        assert "system" not in params  # the summary goes in the messages, as data
+        assert "turns 1-8 are archived" in params["messages"][0]["content"][0]["text"]
         assert conv.compact() is None  # nothing left before the latest exchange
         assert len(conv.history()) == 9
 
@@ -323,7 +340,7 @@ def test_claude_summarizer_sends_previous_summary_and_transcript(
             2, "assistant", [{"type": "tool_use", "id": "t", "name": "save", "input": {"n": 1}}]
         ),
     ]
-    result = summarizer.summarize("Earlier: greetings.", turns)
+    result = summarizer.summarize("Earlier: greetings.", turns, target_tokens=500)
     sent = fake_api.last_request.body["messages"][0]["content"]
     assert "Earlier: greetings." in sent
     assert "USER (turn 1): My name is Ada." in sent

@@ -62,7 +62,7 @@ def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: Path) -> None:
 
 
 def test_in_memory_sqlite_works() -> None:
-    with ConversationStore("sqlite://") as store:
+    with ConversationStore("sqlite:///:memory:") as store:
         conv = store.create()
         conv.add("user", "ephemeral")
         assert [m.text for m in store.get(conv.id).history()] == ["ephemeral"]
@@ -197,3 +197,4 @@ def test_sqlite_store_upgrades_itself_from_an_older_revision(tmp_path: Path) -> 
         with store.database.transaction() as session:
             revision = _migrations.schema_revision(session.connection())
     assert revision == _migrations.head_revision()
+

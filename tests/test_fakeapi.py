@@ -14,6 +14,7 @@ import pytest
 import tiktoken
 
 from tests.fakeapi import MESSAGE_OVERHEAD_TOKENS, FakeMessagesAPI, Reply
+from tests.media import image_block, jpeg_header, pdf, pdf_block, png
 
 MODEL = "claude-sonnet-4-6"
 FAST = 0.001  # retry-after seconds: > 0, or the SDK ignores it and backs off for ~0.5 s
@@ -330,6 +331,51 @@ INVALID_REQUESTS: list[Any] = [
         },
         "A maximum of 4 blocks with cache_control may be provided. Found 5.",
         id="five-breakpoints",
+    ),
+    pytest.param(
+        {
+            "system": [text_block("s1", cache_control=CC), text_block("s2", cache_control=CC)],
+            "messages": [
+                user("a"),
+                {"role": "assistant", "content": [TOOL_USE]},
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            **TOOL_RESULT,
+                            "content": [text_block(t, cache_control=CC) for t in ("x", "y")],
+                            "cache_control": CC,
+                        }
+                    ],
+                },
+            ],
+        },
+        "A maximum of 4 blocks with cache_control may be provided. Found 5.",
+        id="five-breakpoints-nested-in-a-tool-result",
+    ),
+    pytest.param(
+        {
+            "cache_control": CC,
+            "messages": [
+                {"role": "user", "content": [text_block(t, cache_control=CC) for t in "abcd"]}
+            ],
+        },
+        "A maximum of 4 blocks with cache_control may be provided. Found 5.",
+        id="five-breakpoints-with-the-top-level-one",
+    ),
+    pytest.param(
+        {
+            "thinking": {"type": "enabled", "budget_tokens": 1024},
+            "max_tokens": 2000,
+            "messages": [
+                user("a"),
+                {"role": "assistant", "content": [TOOL_USE]},
+                {"role": "user", "content": [TOOL_RESULT]},
+            ],
+        },
+        "messages.1.content.0.type: Expected `thinking` or `redacted_thinking`, but found "
+        "`tool_use`",
+        id="thinking-on-and-the-loop-lost-its-thinking",
     ),
     pytest.param(
         {"extra_body": {"temperature": 0.5}},
@@ -829,3 +875,20 @@ def test_stop_with_open_keep_alive_connection() -> None:
         with pytest.raises(anthropic.APIConnectionError):
             client.messages.create(model=MODEL, max_tokens=10, messages=[user("hi")])
     fake.stop()  # idempotent
+
+
+def test_images_and_pdfs_are_charged_like_the_api_charges_them() -> None:
+    fake = FakeMessagesAPI()
+
+    def cost(block: dict[str, Any]) -> int:
+        body = {"model": "m", "messages": [{"role": "user", "content": [block]}]}
+        return fake.count_request_tokens(body) - MESSAGE_OVERHEAD_TOKENS
+
+    assert cost(image_block(png(200, 100))) == 27  # ceil(200 * 100 / 750)
+    assert cost(image_block(jpeg_header(1_000, 1_000), "image/jpeg")) == 1_334
+    assert 1_590 <= cost(image_block(png(4_000, 3_000))) <= 1_600  # resized to whole pixels
+    url = {"type": "image", "source": {"type": "url", "url": "https://example.com/x.png"}}
+    assert cost(url) == 1_600
+    assert cost(pdf_block(pdf(2, "Hi"))) == 2 * 1_600 + fake.count_tokens("Hi Hi")
+    text_doc = {"type": "document", "source": {"type": "text", "data": "some words"}}
+    assert cost(text_doc) == fake.count_tokens("some words")

@@ -9,7 +9,7 @@ from sqlalchemy import func, select, text
 
 from convo import ConversationStore, ExtractiveSummarizer, SchemaOutOfDate, _migrations
 from convo._database import Database, resolve_url
-from convo._models import VERSION_TABLE, ConversationRow, MessageRow
+from convo._models import ConversationRow, MessageRow
 
 
 def test_exactly_one_head() -> None:
@@ -45,6 +45,22 @@ def _counts(database: Database) -> tuple[int, int]:
     return conversations or 0, messages or 0
 
 
+def _stem_index(database: Database) -> bool:
+    """Whether migration 0005's stemmed full-text index is there (none on MySQL)."""
+    with database.transaction() as session:
+        dialect = session.get_bind().dialect.name
+        if dialect == "sqlite":
+            sql = "SELECT count(*) FROM sqlite_master WHERE name LIKE 'convo_search_fts_stem%'"
+        elif dialect == "postgresql":
+            sql = (
+                "SELECT count(*) FROM information_schema.columns "
+                "WHERE column_name = 'convo_search_fts_english'"
+            )
+        else:
+            return False
+        return bool(session.scalar(text(sql)))
+
+
 def test_upgrade_downgrade_every_step_and_upgrade_again_with_data(database_url: str) -> None:
     database = Database(resolve_url(database_url))
     try:
@@ -53,9 +69,13 @@ def test_upgrade_downgrade_every_step_and_upgrade_again_with_data(database_url: 
         _migrations.upgrade(database)
         kept = _fill(database_url)
         # Step down one revision at a time while the data can stay, checking it did.
+        stemmed = _stem_index(database)
+        assert stemmed == (database.dialect != "mysql")
         for index in range(len(revisions) - 1, 0, -1):
             _migrations.downgrade(database, revisions[index - 1])
             assert _counts(database) == (1, 3)
+            if revisions[index] == "0005":
+                assert not _stem_index(database)
         # Archived content went back into the rows before the archive table went.
         contents = [c if isinstance(c, list) else json.loads(str(c)) for c in _contents(database)]
         assert contents == [
@@ -66,8 +86,8 @@ def test_upgrade_downgrade_every_step_and_upgrade_again_with_data(database_url: 
         _migrations.downgrade(database, "base")
         with database.transaction() as session:
             names = session.connection().dialect.get_table_names(session.connection())
-        # Only Alembic's (now empty) version table is left.
-        assert [name for name in names if name.startswith("convo_")] == [VERSION_TABLE]
+        # No convo table is left, Alembic's version table included.
+        assert [name for name in names if name.startswith("convo_")] == []
         _migrations.upgrade(database)
         assert _counts(database) == (0, 0)
         _fill(database_url)
@@ -82,6 +102,9 @@ def test_upgrade_downgrade_every_step_and_upgrade_again_with_data(database_url: 
             assert [m.text for m in conv.history()] == ["hello 🌍", "hi", "bye"]
             # Upgrading through 0004 indexed the archived turns for search too.
             assert [(h.seq, h.role) for h in store.search("hello")] == [(1, "user")]
+            # Through 0005, the stemmed recall index too: "hellos" finds "hello".
+            assert [(h.seq, h.role) for h in store.recall("hellos")] == [(1, "user")]
+            assert _stem_index(database) == stemmed
             assert conv.metadata == {"k": "v"}
     finally:
         database.close()

@@ -363,12 +363,6 @@ def test_thinking_and_unknown_blocks_are_never_touched() -> None:
     blocks: list[dict[str, Any]] = [
         {"type": "thinking", "thinking": f"the user is {EMAIL}", "signature": SIGNATURE},
         {"type": "redacted_thinking", "data": f"opaque {EMAIL}"},
-        {
-            "type": "server_tool_use",
-            "id": "srvtoolu_01",
-            "name": "web_search",
-            "input": {"q": EMAIL},
-        },
         {"type": "compaction", "content": f"summary mentions {EMAIL}"},
         {"type": "future_block", "text": EMAIL},
     ]
@@ -439,3 +433,82 @@ def test_redacting_blocks_twice_is_redacting_once() -> None:
     ]
     once = REDACTOR.redact_blocks(blocks)
     assert REDACTOR.redact_blocks(once) == once
+
+
+@pytest.mark.parametrize("kind", ["server_tool_use", "mcp_tool_use"])
+def test_server_and_mcp_tool_inputs_are_redacted(kind: str) -> None:
+    block = {"type": kind, "id": "srvtoolu_01", "name": "web_search", "input": {"q": EMAIL}}
+    assert REDACTOR.redact_blocks([block])[0]["input"] == {"q": "[REDACTED:email]"}
+
+
+def test_search_results_nested_in_tool_results_are_redacted() -> None:
+    result = {
+        "type": "tool_result",
+        "tool_use_id": "toolu_01",
+        "content": [
+            {
+                "type": "search_result",
+                "source": "https://intranet.example/people",
+                "title": f"Contact {EMAIL}",
+                "content": [text("SSN on file: 123-45-6789")],
+            }
+        ],
+    }
+    (redacted,) = REDACTOR.redact_blocks([result])
+    found = redacted["content"][0]
+    assert found["title"] == "Contact [REDACTED:email]"
+    assert found["content"] == [text("SSN on file: [REDACTED:ssn]")]
+    assert found["source"] == "https://intranet.example/people"
+
+
+def test_values_of_credential_keys_are_redacted_whatever_they_look_like() -> None:
+    call = {
+        "type": "tool_use",
+        "id": "toolu_01",
+        "name": "login",
+        "input": {
+            "user": "ada",
+            "password": "hunter2",
+            "nested": [{"API-Key": 12345}, {"client_secret": "short"}],
+            "key": "sort_by_name",
+            "token_count": 12,
+            "passphrase": "[REDACTED:api_key]",
+        },
+    }
+    (redacted,) = REDACTOR.redact_blocks([call])
+    assert redacted["input"] == {
+        "user": "ada",
+        "password": "[REDACTED:api_key]",
+        "nested": [{"API-Key": "[REDACTED:api_key]"}, {"client_secret": "[REDACTED:api_key]"}],
+        "key": "sort_by_name",
+        "token_count": 12,
+        "passphrase": "[REDACTED:api_key]",
+    }
+    assert Redactor(kinds=["email"]).redact_json({"password": "hunter2"}) == {"password": "hunter2"}
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "4111.1111.1111.1111",
+        "4111\u00a01111\u00a01111\u00a01111",
+        "4111\u202f1111\u202f1111\u202f1111",
+        "\uff14\uff11\uff11\uff11 \uff11\uff11\uff11\uff11 \uff11\uff11\uff11\uff11 "
+        "\uff11\uff11\uff11\uff11",
+    ],
+)
+def test_card_numbers_however_they_are_separated_or_written(written: str) -> None:
+    assert REDACTOR.redact_text(f"pay with {written} today") == "pay with [REDACTED:card] today"
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["jos\u00e9@b\u00fccher.de", "user@\u4f8b\u3048.\u30c6\u30b9\u30c8", "a@xn--bcher-kva.de"],
+)
+def test_email_addresses_on_internationalised_domains(address: str) -> None:
+    assert REDACTOR.redact_text(f"write to {address} now") == "write to [REDACTED:email] now"
+
+
+@pytest.mark.parametrize("harmless", ["version 2026.11.23.1234", "1.2.3.4.5.6.7.8.9.10.11.12.13"])
+def test_dotted_numbers_that_are_not_cards_are_kept(harmless: str) -> None:
+    assert REDACTOR.redact_text(harmless) == harmless

@@ -34,7 +34,7 @@ def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _run(
         sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", work / "dist", ROOT, cwd=work
     )
-    (wheel,) = (work / "dist").glob("convo-*.whl")
+    (wheel,) = (work / "dist").glob("convo_store-*.whl")
     _run(sys.executable, "-m", "venv", work / "venv", cwd=work)
     _run(work / "venv/bin/python", "-m", "pip", "install", "-q", f"{wheel}[postgres]", cwd=work)
     return work / "venv" / "bin" / "convo"
@@ -63,6 +63,11 @@ def test_wheel_upgrades_an_empty_sqlite_file(installed_wheel: Path, tmp_path: Pa
     assert "matches" in _run(installed_wheel, "db", "check", "--db", url, cwd=tmp_path)
     history = _run(installed_wheel, "db", "history", cwd=tmp_path)
     assert "conversations and messages" in history
+    # Installed as the convo-store distribution; still `import convo` and `convo`.
+    assert _run(installed_wheel, "--version", cwd=tmp_path) == "convo, version 0.1.0\n"
+    python = installed_wheel.parent / "python"
+    shown = _run(python, "-m", "pip", "show", "convo-store", cwd=tmp_path)
+    assert "Name: convo-store" in shown
 
 
 @pytest.mark.slow
