@@ -16,6 +16,7 @@ import os
 import re
 import socket
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -152,6 +153,28 @@ def inspect_sqlite_file(path: Path, *, allow_other_tables: bool = False) -> bool
     return False
 
 
+def _use_wal(cursor: Any) -> None:
+    """Switch the file to WAL, waiting out other processes opening it at the same time.
+
+    Changing the journal mode needs an exclusive lock, and SQLite answers "database
+    is locked" at once, without its busy handler, when another connection is in the
+    middle of the same switch or of recovery. So we wait here, up to the busy timeout.
+    WAL is persistent: once one process has switched, the rest find it already on.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    pause = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            busy = "locked" in str(exc) or "busy" in str(exc)
+            if not busy or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
+
+
 def _configure_sqlite(engine: Engine, *, wal: bool) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -160,7 +183,7 @@ def _configure_sqlite(engine: Engine, *, wal: bool) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
         if wal:
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _use_wal(cursor)
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()
 

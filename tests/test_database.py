@@ -198,3 +198,30 @@ def test_sqlite_store_upgrades_itself_from_an_older_revision(tmp_path: Path) -> 
             revision = _migrations.schema_revision(session.connection())
     assert revision == _migrations.head_revision()
 
+
+def test_switching_to_wal_waits_for_another_process_writing(tmp_path: Path) -> None:
+    # A fresh file in rollback-journal mode while another connection holds the write
+    # lock: SQLite refuses the switch to WAL at once, without its busy handler, so the
+    # store must wait for the writer (seen in CI as "database is locked" when several
+    # processes opened a new embedded database together).
+    import threading
+
+    from sqlalchemy import make_url
+
+    from convo._database import make_engine
+
+    path = tmp_path / "busy.db"
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("CREATE TABLE other (x)")
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO other VALUES (1)")
+    finish = threading.Timer(0.3, writer.execute, args=("COMMIT",))
+    finish.start()
+    try:
+        engine = make_engine(make_url(f"sqlite:///{path}"))
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        engine.dispose()
+    finally:
+        finish.join()
+        writer.close()
