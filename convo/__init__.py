@@ -5,6 +5,8 @@
 >>> conv = store.create(system="You are terse.")
 >>> reply = conv.send("Hello!")            # stored, within budget, cached
 >>> store.get(conv.id).history()           # from any process, on any host
+
+``AsyncConversationStore`` is the same store for asyncio apps, awaited.
 """
 
 import logging
@@ -16,6 +18,7 @@ from . import errors
 logging.getLogger("convo").addHandler(logging.NullHandler())
 
 if TYPE_CHECKING:
+    from ._aio import AsyncConversation, AsyncConversationStore, AsyncConversationStream
     from ._conversation import Conversation
     from ._message import Message
     from ._pricing import DEFAULT_PRICES, Price, PriceTable
@@ -61,6 +64,9 @@ if TYPE_CHECKING:
 #: Where each public name lives: imported on first use, so ``import convo`` (and the
 #: ``convo`` command's startup) does not pay for SQLAlchemy or the SDK until needed.
 _LAZY = {
+    "AsyncConversation": "._aio",
+    "AsyncConversationStore": "._aio",
+    "AsyncConversationStream": "._aio",
     "Conversation": "._conversation",
     "Message": "._message",
     "DEFAULT_PRICES": "._pricing",
@@ -109,6 +115,9 @@ __all__ = [
     "DEFAULT_PRICES",
     "APIError",
     "ArchiveCorrupted",
+    "AsyncConversation",
+    "AsyncConversationStore",
+    "AsyncConversationStream",
     "ClaudeSummarizer",
     "Compaction",
     "ContextTooLarge",

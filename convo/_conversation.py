@@ -235,7 +235,7 @@ class Conversation:
         self._load(self.store.delete_turns(self.id, span))
         return list(span)
 
-    def regenerate(self, **params: Any) -> Message:
+    def regenerate(self, /, **params: Any) -> Message:
         """Take back the last reply and send the user turn it answered again.
 
         The old reply (and any assistant turns after that user turn) is deleted
@@ -293,7 +293,7 @@ class Conversation:
         blocks = system_blocks(self.system)
         return sum(self.store.count_text(b.get("text", "")) for b in blocks)
 
-    def window(self, *, compact: bool = True, **params: Any) -> ContextWindow:
+    def window(self, /, *, compact: bool = True, **params: Any) -> ContextWindow:
         """The next request's context window, with its token accounting.
 
         Reads only what the request can carry: the newest live turns, newest
@@ -663,7 +663,7 @@ class Conversation:
         )
         return done, note
 
-    def context(self, **params: Any) -> dict[str, Any]:
+    def context(self, /, **params: Any) -> dict[str, Any]:
         """Exactly the request parameters the next call would send.
 
         ``model``, ``max_tokens``, ``system`` and ``messages`` come from the
@@ -774,7 +774,9 @@ class Conversation:
             )
             return None
 
-    def send(self, content: str | list[Any], *, key: str | None = None, **params: Any) -> Message:
+    def send(
+        self, /, content: str | list[Any], *, key: str | None = None, **params: Any
+    ) -> Message:
         """Send a user turn to Claude and return the stored reply.
 
         ``content`` is a string or a list of content blocks. ``params`` pass

@@ -4,6 +4,10 @@
   user data directory.
 * ``postgresql://`` and ``postgres://`` use psycopg 3; ``mysql://`` and
   ``mariadb://`` use PyMySQL (the ``postgres`` and ``mysql`` extras).
+* The async store (:class:`~convo.AsyncConversationStore`) uses the same URLs
+  with the async drivers: aiosqlite, psycopg 3's async side and aiomysql
+  (the ``async``, ``postgres`` and ``mysql`` extras), through SQLAlchemy's
+  asyncio extension.
 * SQLite runs in WAL mode with a busy timeout, foreign keys on, and write
   transactions that take the write lock up front (``BEGIN IMMEDIATE``), so
   concurrent writers queue instead of failing.
@@ -48,6 +52,14 @@ _DRIVERS: Final = {
     "postgres": ("postgresql+psycopg", "psycopg", "postgres"),
     "mysql": ("mysql+pymysql", "pymysql", "mysql"),
     "mariadb": ("mariadb+pymysql", "pymysql", "mysql"),
+}
+
+#: The async driver of each backend: (drivername, module to import, extras to install).
+_ASYNC_DRIVERS: Final = {
+    "sqlite": ("sqlite+aiosqlite", "aiosqlite", "async"),
+    "postgresql": ("postgresql+psycopg_async", "psycopg", "async,postgres"),
+    "mysql": ("mysql+aiomysql", "aiomysql", "async,mysql"),
+    "mariadb": ("mariadb+aiomysql", "aiomysql", "async,mysql"),
 }
 
 
@@ -210,24 +222,73 @@ def _prepare_sqlite_path(url: URL, path: Path) -> None:
         raise InvalidInput("database URL", f"{mask(url)}: {path.parent} is not a folder")
 
 
-def make_engine(url: URL, *, echo: bool = False) -> Engine:
-    """An engine for ``url`` with convo's connection settings."""
+def async_url(url: URL) -> URL:
+    """``url`` with its backend's async driver (a URL naming one already is kept)."""
     backend = url.get_backend_name()
+    if backend not in _ASYNC_DRIVERS:
+        raise InvalidInput("database URL", f"convo has no async driver for {mask(url)}")
+    drivername, module, extras = _ASYNC_DRIVERS[backend]
+    for needed in ("greenlet", module):
+        try:
+            __import__(needed)
+        except ModuleNotFoundError:
+            raise MissingDriver(
+                f"the async store needs the {needed} package for {mask(url)}, which is not "
+                f"installed: pip install 'convo-store[{extras}]'"
+            ) from None
+    if url.get_driver_name() in ("aiosqlite", "psycopg_async", "aiomysql", "asyncmy", "asyncpg"):
+        return url
+    return url.set(drivername=drivername)
+
+
+def _create(url: URL, asynchronous: bool, **options: Any) -> Engine:
+    """``create_engine``, or for the async store the sync face of ``create_async_engine``.
+
+    The async engine's ``sync_engine`` is a real :class:`Engine` whose driver
+    awaits: the same statements and sessions run over it inside
+    ``greenlet_spawn`` (see ``convo._bridge``).
+    """
+    if not asynchronous:
+        return create_engine(url, **options)
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    return create_async_engine(url, **options).sync_engine
+
+
+def make_engine(
+    url: URL, *, echo: bool = False, asynchronous: bool = False, pool_size: int | None = None
+) -> Engine:
+    """An engine for ``url`` with convo's connection settings.
+
+    ``pool_size`` connections are kept open (SQLAlchemy's default: 5), and up
+    to twice as many more are opened under load.
+    """
+    backend = url.get_backend_name()
+    pooling = {} if pool_size is None else {"pool_size": pool_size, "max_overflow": 2 * pool_size}
+    if asynchronous:
+        url = async_url(url)
     if backend == "sqlite":
         path = sqlite_file(url)
         if path is None:
-            engine = create_engine(
+            engine = _create(
                 url,
+                asynchronous,
                 echo=echo,
                 poolclass=pool.StaticPool,
                 connect_args={"check_same_thread": False},
             )
         else:
-            engine = create_engine(url, echo=echo, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+            engine = _create(
+                url,
+                asynchronous,
+                echo=echo,
+                connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S},
+                **pooling,
+            )
         _configure_sqlite(engine, wal=path is not None)
         return engine
     try:
-        engine = create_engine(url, echo=echo, pool_pre_ping=True)
+        engine = _create(url, asynchronous, echo=echo, pool_pre_ping=True, **pooling)
     except ModuleNotFoundError as exc:
         extra = next((v[2] for k, v in _DRIVERS.items() if k == backend), None)
         hint = (
@@ -301,18 +362,41 @@ def corrupted(exc: BaseException) -> CorruptedData:
     )
 
 
+def _pragma(connection: Connection, pragma: str) -> None:
+    """Run a SQLite PRAGMA on the driver's connection, outside any transaction."""
+    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(f"PRAGMA {pragma}")
+    finally:
+        cursor.close()
+
+
 class Database:
     """An engine and the transactions over it. One per store; safe across threads."""
 
-    def __init__(self, url: URL, *, echo: bool = False, allow_other_tables: bool = False) -> None:
+    def __init__(
+        self,
+        url: URL,
+        *,
+        echo: bool = False,
+        allow_other_tables: bool = False,
+        asynchronous: bool = False,
+        pool_size: int | None = None,
+    ) -> None:
         """Open ``url``. A SQLite file is checked read-only first (see
-        :func:`inspect_sqlite_file`), so one that is not convo's stays untouched."""
+        :func:`inspect_sqlite_file`), so one that is not convo's stays untouched.
+
+        ``asynchronous``: the engine's driver is async (aiosqlite, psycopg
+        async, aiomysql); every use of it must then run inside
+        ``greenlet_spawn``, which is how the async store runs this same code.
+        """
         self.url = url
+        self.asynchronous = asynchronous
         path = sqlite_file(url)
         if path is not None:
             _prepare_sqlite_path(url, path)
             inspect_sqlite_file(path, allow_other_tables=allow_other_tables)
-        self.engine = make_engine(url, echo=echo)
+        self.engine = make_engine(url, echo=echo, asynchronous=asynchronous, pool_size=pool_size)
         self._write_engine = self.engine.execution_options(convo_write=True)
         self._max_packet: int | None = None
 
@@ -371,15 +455,14 @@ class Database:
         """
         with self._reported(), self._write_engine.connect() as connection:
             sqlite = self.dialect == "sqlite"
-            raw: Any = connection.connection.driver_connection
             if sqlite:
-                raw.execute("PRAGMA foreign_keys = OFF")
+                _pragma(connection, "foreign_keys = OFF")
             try:
                 with connection.begin():
                     yield connection
             finally:
                 if sqlite:
-                    raw.execute("PRAGMA foreign_keys = ON")
+                    _pragma(connection, "foreign_keys = ON")
 
     def close(self) -> None:
         self.engine.dispose()

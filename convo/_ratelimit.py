@@ -17,6 +17,7 @@ Waiting threads are not served in arrival order.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -28,7 +29,7 @@ from typing import Any, Final
 
 from convo.errors import InvalidInput
 
-__all__ = ["LimitedClient", "RateLimiter"]
+__all__ = ["AsyncRateLimiter", "LimitedClient", "RateLimiter"]
 
 logger = logging.getLogger("convo.ratelimit")
 
@@ -95,27 +96,40 @@ class RateLimiter:
             )
         return _Slot(self, input_tokens)
 
+    def _attempt(self, input_tokens: int) -> tuple[str, float | None] | None:
+        """Start a request now if every limit allows it: recorded, running; None.
+
+        Otherwise what stands in the way: ``("max_concurrent", None)`` (wait
+        for a running request to finish) or ``(limit, seconds)`` to wait.
+        Callers make it atomic: the sync limiter under its lock, the async one
+        by not awaiting between the check and the record.
+        """
+        if self.max_concurrent is not None and self._running >= self.max_concurrent:
+            return "max_concurrent", None
+        now = self._clock()
+        self._forget_starts_before(now - WINDOW_SECONDS)
+        delay, limit = self._delay(now, input_tokens)
+        if delay <= 0:
+            self._record(now, input_tokens)
+            self._running += 1
+            return None
+        return limit, delay
+
     def _acquire(self, input_tokens: int) -> None:
         """Wait until a request may start, then record it and take a running slot."""
         logged = False
         while True:
             with self._condition:
-                if self.max_concurrent is not None and self._running >= self.max_concurrent:
-                    if not logged:
-                        self._log_wait("max_concurrent", None, input_tokens)
-                        logged = True
-                    self._condition.wait()
-                    continue
-                now = self._clock()
-                self._forget_starts_before(now - WINDOW_SECONDS)
-                delay, limit = self._delay(now, input_tokens)
-                if delay <= 0:
-                    self._record(now, input_tokens)
-                    self._running += 1
+                blocked = self._attempt(input_tokens)
+                if blocked is None:
                     return
+                limit, delay = blocked
                 if not logged:
                     self._log_wait(limit, delay, input_tokens)
                     logged = True
+                if delay is None:
+                    self._condition.wait()
+                    continue
             # Outside the lock: other threads keep taking and freeing slots meanwhile.
             self._sleep(delay)
 
@@ -174,6 +188,62 @@ class RateLimiter:
             "input_tokens": input_tokens,
         }
         logger.info(message, *args, extra={"convo": fields})
+
+
+class AsyncRateLimiter(RateLimiter):
+    """The same limits for the async store: waiting awaits on the event loop.
+
+    The policy (:meth:`RateLimiter._attempt`) is shared; only the waiting
+    differs. Core code run by the async store takes slots as the sync store
+    does (``with limiter.slot(n):``); entering one awaits :meth:`acquire`.
+    One limiter serves every conversation of the store, on one event loop.
+    """
+
+    def __init__(
+        self,
+        *,
+        requests_per_minute: int | None = None,
+        input_tokens_per_minute: int | None = None,
+        max_concurrent: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(
+            requests_per_minute=requests_per_minute,
+            input_tokens_per_minute=input_tokens_per_minute,
+            max_concurrent=max_concurrent,
+            clock=clock,
+        )
+        self._waiters: list[asyncio.Future[None]] = []
+
+    async def acquire(self, input_tokens: int) -> None:
+        """Wait until a request may start, then record it and take a running slot."""
+        logged = False
+        while True:
+            blocked = self._attempt(input_tokens)
+            if blocked is None:
+                return
+            limit, delay = blocked
+            if not logged:
+                self._log_wait(limit, delay, input_tokens)
+                logged = True
+            if delay is None:
+                freed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._waiters.append(freed)
+                await freed
+            else:
+                await asyncio.sleep(delay)
+
+    def _acquire(self, input_tokens: int) -> None:
+        from ._bridge import wait
+
+        wait(self.acquire(input_tokens))
+
+    def _release(self) -> None:
+        self._running -= 1
+        waiters, self._waiters = self._waiters, []
+        for freed in waiters:
+            if not freed.done():
+                freed.set_result(None)
 
 
 class _Slot(AbstractContextManager[None]):

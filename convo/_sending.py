@@ -16,7 +16,7 @@ turns dangle. A stream that breaks off, or ends without ``message_stop``,
 keeps what arrived as an ``incomplete`` assistant turn, with the usage the
 stream reported.
 
-While the call is alive a heartbeat thread renews the claim every third of
+While the call is alive a heartbeat (``_heartbeat``) renews the claim every third of
 the store's ``send_lease``, so a long call (SDK retries included) keeps
 other senders out, and a dead sender's claim lapses within one lease. If the
 database fails after the reply arrived, the reply goes to the store's outbox
@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
@@ -45,7 +44,7 @@ from .errors import APIError, DatabaseError, InvalidInput, ReplyNotStored, Strea
 
 if TYPE_CHECKING:
     from ._conversation import Conversation
-    from ._store import ConversationStore, Turn
+    from ._store import Turn
     from ._window import ContextWindow
 
 logger = logging.getLogger("convo.api")
@@ -202,76 +201,6 @@ def _needs_streaming(exc: ValueError) -> bool:
     return "stream" in str(exc).lower()
 
 
-class _Heartbeat:
-    """Renews a send's claim every third of the lease while the call is alive.
-
-    At ``deadline`` (monotonic seconds, the store's ``send_timeout``) it calls
-    ``on_deadline`` once: a stream in flight is then closed.
-    """
-
-    def __init__(
-        self,
-        store: ConversationStore,
-        conversation_id: str,
-        owner: str,
-        deadline: float | None,
-    ) -> None:
-        self._store = store
-        self._conversation_id = conversation_id
-        self._owner = owner
-        self._deadline = deadline
-        self._stop = threading.Event()
-        self.on_deadline: Callable[[], None] | None = None
-        self.timed_out = False
-        self._thread = threading.Thread(
-            target=self._run, name=f"convo-claim-{conversation_id}", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self) -> None:
-        interval = self._store.send_lease / 3
-        next_renewal = time.monotonic() + interval
-        while True:
-            now = time.monotonic()
-            wake = next_renewal
-            if self._deadline is not None and not self.timed_out:
-                wake = min(wake, self._deadline)
-            if self._stop.wait(max(0.0, wake - now)):
-                return
-            deadline = self._deadline
-            if deadline is not None and not self.timed_out and time.monotonic() >= deadline:
-                self.timed_out = True
-                callback = self.on_deadline
-                if callback is not None:
-                    try:
-                        callback()
-                    except Exception:
-                        logger.debug("closing a timed-out stream failed", exc_info=True)
-            if time.monotonic() >= next_renewal:
-                next_renewal = time.monotonic() + interval
-                try:
-                    if not self._store.renew(self._conversation_id, self._owner):
-                        logger.warning(
-                            "conversation %s: the send's claim was cleared by someone else",
-                            self._conversation_id,
-                        )
-                except Exception as exc:
-                    logger.warning(
-                        "conversation %s: could not renew the send's claim: %s",
-                        self._conversation_id,
-                        exc,
-                    )
-
-    def watch(self, close: Callable[[], None]) -> None:
-        """Call ``close`` at the deadline (at once if it has passed already)."""
-        self.on_deadline = close
-        if self.timed_out:
-            close()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
 class Sending:
     """One turn in flight: claim, user turn, window. Shared by send and stream.
 
@@ -300,7 +229,13 @@ class Sending:
         conv._load(row)
         timeout = self.store.send_timeout
         self.deadline = time.monotonic() + timeout if timeout is not None else None
-        self.heartbeat = _Heartbeat(self.store, conv.id, self.owner, self.deadline)
+        store, owner = self.store, self.owner
+        self.heartbeat = store._heartbeat_class(
+            lambda: store.renew(conv.id, owner),
+            lease=store.send_lease,
+            deadline=self.deadline,
+            name=f"conversation {conv.id}",
+        )
         try:
             self.window = conv.window(**params)
             self.request = self.store.outbound(self.window.params)

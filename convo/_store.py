@@ -46,6 +46,7 @@ from ._content import (
     validate_role,
 )
 from ._database import Database, mask, resolve_url
+from ._heartbeat import Heartbeat, ThreadHeartbeat
 from ._ids import PREFIX as ID_PREFIX
 from ._ids import is_conversation_id, is_id_prefix, new_conversation_id
 from ._message import Message, Status
@@ -335,6 +336,9 @@ class ConversationStore:
       ``send_lease / 3`` seconds.
     * ``send_timeout``: seconds a whole send may take (default: none beyond
       the SDK's own timeouts); see the README.
+    * ``pool_size``: database connections kept open (default: SQLAlchemy's 5;
+      up to twice as many more open under load). Each send holds one only
+      while it reads or writes, never during the API call.
     * ``auto_replay``: write replies pending in the outbox (billed replies the
       database could not take) when the store opens and before each write
       (default True).
@@ -374,6 +378,7 @@ class ConversationStore:
         recall_share: float = DEFAULT_SHARE,
         send_timeout: float | None = None,
         auto_replay: bool = True,
+        pool_size: int | None = None,
         echo: bool = False,
     ) -> None:
         self._url = resolve_url(url)
@@ -402,7 +407,7 @@ class ConversationStore:
         self.max_retries = _check_positive("max_retries", max_retries) if max_retries else None
         if max_retries == 0:
             self.max_retries = 0
-        self.rate_limiter = RateLimiter(
+        self.rate_limiter = self._limiter_class(
             requests_per_minute=requests_per_minute,
             input_tokens_per_minute=input_tokens_per_minute,
             max_concurrent=max_concurrent_requests,
@@ -427,17 +432,46 @@ class ConversationStore:
         self.send_timeout = (
             None if send_timeout is None else check_seconds("send_timeout", send_timeout)
         )
-        if client is not None and max_retries is not None:
-            # The SDK's own retries, configured once: never a second layer.
-            self._client = client.with_options(max_retries=max_retries)
-        self._db = Database(self._url, echo=echo)
+        if client is not None:
+            client = self._adopt_client(client)
+            if max_retries is not None:
+                # The SDK's own retries, configured once: never a second layer.
+                client = client.with_options(max_retries=max_retries)
+            self._client = client
+        self.pool_size = _check_positive("pool_size", pool_size)
+        self.auto_replay = auto_replay
+        self._db = Database(
+            self._url, echo=echo, asynchronous=self._asynchronous, pool_size=self.pool_size
+        )
+        if not self._asynchronous:
+            self.open()
+
+    #: The faces of the store that differ for the async store (``_aio``): its
+    #: database driver awaits, its limiter waits on the loop, its heartbeat is a task.
+    _asynchronous: bool = False
+    _limiter_class: type[RateLimiter] = RateLimiter
+    _heartbeat_class: type[Heartbeat] = ThreadHeartbeat
+
+    def _adopt_client(self, client: Any) -> Any:
+        """The client the core calls, for a ``client=`` given to the store."""
+        return client
+
+    def _default_client(self, **options: Any) -> Any:
+        import anthropic
+
+        return anthropic.Anthropic(**options)
+
+    def open(self) -> None:
+        """Check (SQLite: create or upgrade) the schema, then replay the outbox.
+
+        The sync store opens itself; the async store runs this on first use.
+        """
         try:
             self._ensure_schema()
         except BaseException:
             self._db.close()
             raise
-        self.auto_replay = auto_replay
-        if auto_replay:
+        if self.auto_replay:
             self.replay_outbox(quiet=True)
 
     def _ensure_schema(self) -> None:
@@ -474,12 +508,10 @@ class ConversationStore:
     def client(self) -> Any:
         """The ``anthropic`` client: the one given, else one made with the SDK's defaults."""
         if self._client is None:
-            import anthropic
-
             client = (
-                anthropic.Anthropic()
+                self._default_client()
                 if self.max_retries is None
-                else anthropic.Anthropic(max_retries=self.max_retries)
+                else self._default_client(max_retries=self.max_retries)
             )
             if not (client.api_key or client.auth_token or getattr(client, "credentials", None)):
                 raise MissingAPIKey(
