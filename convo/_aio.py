@@ -22,7 +22,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
-from ._bridge import AwaitingClient, awaiting_summarizer, run
+from ._bridge import AwaitingClient, awaiting_summarizer, cleanup, run
 from ._conversation import Conversation
 from ._heartbeat import Heartbeat
 from ._ratelimit import AsyncRateLimiter
@@ -340,7 +340,7 @@ class AsyncConversationStream:
         tb: TracebackType | None,
     ) -> None:
         assert self._sync is not None
-        await run(self._sync.__exit__, exc_type, exc, tb)
+        await cleanup(self._sync.__exit__, exc_type, exc, tb)
 
     def __aiter__(self) -> AsyncConversationStream:
         return self

@@ -21,12 +21,22 @@ async classes in ``_aio`` are one-line adapters over the sync ones.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 from collections.abc import Awaitable, Callable, Iterator
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
-__all__ = ["AwaitingClient", "awaiting_summarizer", "in_event_loop", "off_loop", "run", "wait"]
+__all__ = [
+    "AwaitingClient",
+    "awaiting_summarizer",
+    "cleanup",
+    "in_event_loop",
+    "off_loop",
+    "rough_size",
+    "run",
+    "wait",
+]
 
 _T = TypeVar("_T")
 
@@ -44,10 +54,38 @@ def in_event_loop() -> bool:
 
 
 async def run(fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
-    """Run sync core code ``fn`` on the event loop, its waits awaited."""
+    """Run sync core code ``fn`` on the event loop, its waits awaited.
+
+    It runs as a task of its own, so a cancellation reaches it exactly once:
+    the core then cleans up as it does for Ctrl-C in the sync store (marks the
+    turn failed or keeps the partial reply, releases the claim), and that
+    cleanup awaits the database in peace. ``asyncio.timeout`` and
+    ``task.cancel()`` cancel once; anyio (Starlette, FastAPI) cancels again at
+    every await of a cancelled scope. Either way the caller's await ends with
+    ``CancelledError`` and the cleanup runs to its end in the core's task.
+    """
     from sqlalchemy.util import greenlet_spawn
 
-    return await greenlet_spawn(fn, *args, **kwargs)
+    core = asyncio.ensure_future(greenlet_spawn(fn, *args, **kwargs))
+    try:
+        return await asyncio.shield(core)
+    except asyncio.CancelledError:
+        if not core.done():
+            core.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(core)  # its cleanup; anyio may cut this wait short
+        raise
+
+
+async def cleanup(fn: Callable[..., _T], /, *args: Any) -> _T:
+    """Run core cleanup code ``fn`` (storing a reply, releasing a claim): never cancelled.
+
+    If the caller is cancelled meanwhile it stops waiting, and ``fn`` finishes
+    in its own task.
+    """
+    from sqlalchemy.util import greenlet_spawn
+
+    return await asyncio.shield(asyncio.ensure_future(greenlet_spawn(fn, *args)))
 
 
 def wait(awaitable: Awaitable[_T]) -> _T:
@@ -57,11 +95,25 @@ def wait(awaitable: Awaitable[_T]) -> _T:
     return await_(awaitable)
 
 
-def off_loop(fn: Callable[..., _T], size: int, /, *args: Any) -> _T:
-    """``fn(*args)``; for the async store, in a worker thread when ``size`` is large."""
+def off_loop(fn: Callable[..., _T], size: int, /, *args: Any, **kwargs: Any) -> _T:
+    """``fn(*args, **kwargs)``; for the async store, in a worker thread when ``size`` is large.
+
+    ``size`` is the input's size in characters or bytes (:func:`rough_size`).
+    """
     if size >= OFF_LOOP_BYTES and in_event_loop():
-        return wait(asyncio.to_thread(fn, *args))
-    return fn(*args)
+        return wait(asyncio.to_thread(fn, *args, **kwargs))
+    return fn(*args, **kwargs)
+
+
+def rough_size(value: Any) -> int:
+    """Characters in the strings of a JSON-like value: what counting or packing it costs."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(rough_size(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return sum(rough_size(item) for item in value)
+    return 8
 
 
 class AwaitingClient:

@@ -29,6 +29,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from . import _archive, _verify
+from ._bridge import off_loop, rough_size
 from ._budget import Calibration
 from ._compaction import (
     CHUNK_BATCH,
@@ -188,6 +189,21 @@ def check_key(key: object) -> str | None:
     if checked.endswith(":reply"):
         raise InvalidInput("key", "must not end with ':reply' (convo keys replies that way)")
     return checked
+
+
+def _unpack(
+    conversation_id: str, block: ArchiveBlockRow | _archive.PackedBlock
+) -> builtins.list[_archive.ArchivedTurn]:
+    """The checked turns of an archive block (a large one unpacked off the event loop)."""
+    return off_loop(
+        _archive.unpack,
+        len(block.payload),
+        conversation_id,
+        block.first_seq,
+        block.last_seq,
+        block.payload,
+        block.checksum,
+    )
 
 
 def _turn_json(turn: Turn) -> dict[str, Any]:
@@ -967,8 +983,8 @@ class ConversationStore:
         return row
 
     def count(self, blocks: Sequence[Block]) -> int:
-        """Raw tokens one turn with these blocks adds to a request."""
-        return count_turn(self.token_counter, blocks)
+        """Raw tokens one turn with these blocks adds to a request (a long turn off the loop)."""
+        return off_loop(count_turn, rough_size(blocks), self.token_counter, blocks)
 
     def count_text(self, text: str) -> int:
         """Raw tokens of a text (system prompts and summaries; cached)."""
@@ -1332,9 +1348,7 @@ class ConversationStore:
         content: dict[int, builtins.list[Block]] = {}
         roles: dict[int, str] = {}
         for block in blocks:
-            for turn in _archive.unpack(
-                conversation_id, block.first_seq, block.last_seq, block.payload, block.checksum
-            ):
+            for turn in _unpack(conversation_id, block):
                 content[turn.seq] = turn.content
                 roles[turn.seq] = turn.role
         for row in missing:
@@ -1548,22 +1562,18 @@ class ConversationStore:
                 .order_by(MessageRow.seq)
             ).all()
             turns = [_archive.ArchivedTurn(r.seq, r.role, r.content or []) for r in rows]
-            packed = _archive.pack_bounded(
-                turns, max_turns=MAX_BLOCK_TURNS, max_bytes=MAX_BLOCK_BYTES
+            packed = off_loop(
+                _archive.pack_bounded,
+                rough_size([t.content for t in turns]),
+                turns,
+                max_turns=MAX_BLOCK_TURNS,
+                max_bytes=MAX_BLOCK_BYTES,
             )
             now = utcnow()
             read_back: builtins.list[_archive.ArchivedTurn] = []
             for block in packed:
                 # Prove each block reads back to exactly its turns before the rows let go.
-                read_back.extend(
-                    _archive.unpack(
-                        conversation_id,
-                        block.first_seq,
-                        block.last_seq,
-                        block.payload,
-                        block.checksum,
-                    )
-                )
+                read_back.extend(_unpack(conversation_id, block))
                 session.add(
                     ArchiveBlockRow(
                         conversation_id=conversation_id,

@@ -20,6 +20,7 @@ from convo import ConversationStore
 from convo._database import resolve_url
 from convo._models import VERSION_TABLE, Base
 from convo._summarizer import SUMMARIZER_SYSTEM
+from tests import faces
 from tests.fakeapi import FakeMessagesAPI, Reply
 
 SERVER_URLS = {
@@ -70,6 +71,21 @@ def server_url(kind: str) -> str:
     return SERVER_URLS[kind]
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # A test marked `faces` runs once per API: sync and async (see tests/faces.py).
+    if metafunc.definition.get_closest_marker("faces") is not None:
+        metafunc.fixturenames.insert(0, "face")
+        metafunc.parametrize("face", ["sync", "async"], indirect=True)
+
+
+@pytest.fixture
+def face(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Which API the test drives: ``sync`` or ``async`` (``tests.faces.ConversationStore``)."""
+    faces.FACE = request.param
+    yield request.param
+    faces.FACE = "sync"
+
+
 @pytest.fixture(autouse=True)
 def isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """No test touches the user's files, database or API key."""
@@ -112,7 +128,8 @@ def migrated_url(database_url: str) -> str:
 
 @pytest.fixture
 def store(migrated_url: str) -> Iterator[ConversationStore]:
-    with ConversationStore(migrated_url) as opened:
+    """A store on a migrated database: the sync one, or the async one for a `faces` test."""
+    with faces.ConversationStore(migrated_url) as opened:
         yield opened
 
 

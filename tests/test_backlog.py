@@ -22,7 +22,6 @@ from convo import (
     ClaudeSummarizer,
     ContextTooLarge,
     Conversation,
-    ConversationStore,
     ExtractiveSummarizer,
     SummarizerFailed,
     _compaction,
@@ -32,7 +31,10 @@ from convo._search import searchable_text
 from convo._summarizer import SUMMARIZER_SYSTEM, SummaryResult, SummaryTurn
 from convo._window import SummaryPart, summary_block
 from tests.conftest import summarizing_reply
+from tests.faces import ConversationStore
 from tests.fakeapi import FakeMessagesAPI
+
+pytestmark = pytest.mark.faces
 
 SUMMARIZER_MODEL = "claude-haiku-5-5"
 WORDS = "the tram to the harbour leaves at seven and the ferry at nine "

@@ -10,7 +10,6 @@ import anthropic
 import pytest
 from sqlalchemy import text
 
-from convo import ConversationStore
 from convo._budget import (
     DEFAULT_FACTOR,
     FACTOR_CEILING,
@@ -29,8 +28,11 @@ from convo._tokens import (
     image_tokens_for_size,
     pdf_pages,
 )
+from tests.faces import ConversationStore
 from tests.fakeapi import FakeMessagesAPI
 from tests.media import gif_header, image_block, jpeg_header, pdf, pdf_block, png, webp_header
+
+pytestmark = pytest.mark.faces
 
 WORDS = "the quick brown fox jumps over the lazy dog while a bird sings "
 COUNTER = TiktokenCounter()

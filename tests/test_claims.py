@@ -17,10 +17,13 @@ import anthropic
 import pytest
 from click.testing import CliRunner
 
-from convo import ConversationBusy, ConversationStore, InvalidInput, StreamInterrupted
+from convo import ConversationBusy, InvalidInput, StreamInterrupted
 from convo._cli import cli
 from convo._store import DEFAULT_SEND_LEASE
+from tests.faces import ConversationStore
 from tests.fakeapi import FakeMessagesAPI, Reply
+
+pytestmark = pytest.mark.faces
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ from convo import (
     ClaudeSummarizer,
     ContextTooLarge,
     Conversation,
-    ConversationStore,
     ExtractiveSummarizer,
     InvalidInput,
     MessageTooLarge,
@@ -27,7 +26,10 @@ from convo import (
 )
 from convo._models import ArchiveBlockRow, MessageRow, SummaryRow
 from convo._summarizer import SummaryTurn
+from tests.faces import ConversationStore
 from tests.fakeapi import FakeMessagesAPI
+
+pytestmark = pytest.mark.faces
 
 BUDGET = 3_000
 WORDS = "the quick brown fox jumps over the lazy dog while a bird sings "

@@ -10,12 +10,14 @@ import pytest
 from convo import (
     ConversationBusy,
     ConversationNotFound,
-    ConversationStore,
     ExtractiveSummarizer,
     InvalidInput,
 )
 from convo._humanize import parse_age, plural
+from tests.faces import ConversationStore
 from tests.fakeapi import FakeMessagesAPI, Reply
+
+pytestmark = pytest.mark.faces
 
 
 def _tool_conversation(store: ConversationStore) -> str:

@@ -7,12 +7,14 @@ from typing import Any
 import pytest
 
 from convo import (
-    ConversationStore,
     InvalidInput,
     InvalidMessage,
     MessageTooLarge,
     SummaryResult,
 )
+from tests.faces import ConversationStore
+
+pytestmark = pytest.mark.faces
 
 
 def _turns(count: int) -> list[Any]:

@@ -19,12 +19,15 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
-from convo import APIError, ConversationStore, ReplyNotStored
+from convo import APIError, ReplyNotStored
 from convo._cli import cli
 from convo._database import resolve_url
 from tests.conftest import summarizing_reply
+from tests.faces import ConversationStore
 from tests.fakeapi import FakeMessagesAPI, Reply
 from tests.test_send_faults import failing_statements
+
+pytestmark = pytest.mark.faces
 
 
 def _is_assistant_insert(sql: str, parameters: Any) -> bool:

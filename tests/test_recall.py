@@ -14,7 +14,6 @@ from sqlalchemy import func, select, text
 
 from convo import (
     ConversationNotFound,
-    ConversationStore,
     ExtractiveSummarizer,
     InvalidInput,
     RecallHit,
@@ -22,7 +21,10 @@ from convo import (
 from convo._cli import cli
 from convo._models import MessageRow
 from convo._recall import MAX_QUERY_TERMS, RECALL_HEADER, query_terms
+from tests.faces import ConversationStore
 from tests.fakeapi import FakeMessagesAPI
+
+pytestmark = pytest.mark.faces
 
 FACTS = [
     ("user", "My sister Margaret moved to Porto last spring and adopted two greyhounds."),

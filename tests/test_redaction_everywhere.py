@@ -15,11 +15,14 @@ import json
 from pathlib import Path
 
 import anthropic
+import pytest
 from sqlalchemy import inspect, text
 
-from convo import ConversationStore
 from convo._export import FORMATS, export_history
+from tests.faces import ConversationStore
 from tests.fakeapi import FakeMessagesAPI, Reply
+
+pytestmark = pytest.mark.faces
 
 SECRETS = {
     "card": "4111 1111 1111 1111",

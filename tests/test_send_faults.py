@@ -15,15 +15,17 @@ from sqlalchemy.orm import Session
 
 from convo import (
     APIError,
-    ConversationStore,
     DatabaseUnavailable,
     InvalidInput,
     InvalidMessage,
     StreamInterrupted,
 )
 from convo._ratelimit import RateLimiter
+from tests.faces import ConversationStore
 from tests.fakeapi import FakeMessagesAPI, Reply
 from tests.test_ratelimit import FakeClock
+
+pytestmark = pytest.mark.faces
 
 
 @pytest.fixture

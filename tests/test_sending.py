@@ -16,14 +16,16 @@ from sqlalchemy import text
 from convo import (
     APIError,
     ConversationBusy,
-    ConversationStore,
     InvalidInput,
     MissingAPIKey,
     StreamInterrupted,
 )
 from convo._store import DEFAULT_MODEL
 from tests.conftest import summarizing_reply
+from tests.faces import ConversationStore
 from tests.fakeapi import FakeMessagesAPI, Reply
+
+pytestmark = pytest.mark.faces
 
 FAST_RETRY = 0.001  # the SDK ignores retry-after of 0
 

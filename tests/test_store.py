@@ -11,11 +11,13 @@ import pytest
 
 from convo import (
     ConversationNotFound,
-    ConversationStore,
     InvalidInput,
     InvalidMessage,
     Message,
 )
+from tests.faces import ConversationStore
+
+pytestmark = pytest.mark.faces
 
 
 def test_create_and_get_round_trip(store: ConversationStore) -> None:

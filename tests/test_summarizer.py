@@ -13,7 +13,6 @@ import pytest
 
 from convo import (
     ClaudeSummarizer,
-    ConversationStore,
     ExtractiveSummarizer,
     SummaryTurn,
     TiktokenCounter,
@@ -25,8 +24,11 @@ from convo._summarizer import (
     transcript,
 )
 from convo._tokens import count_turn
+from tests.faces import ConversationStore
 from tests.fakeapi import FakeMessagesAPI, Reply
 from tests.planted import FACTS, kept, planted_conversation
+
+pytestmark = pytest.mark.faces
 
 COUNTER = TiktokenCounter()
 ROOT = Path(__file__).resolve().parent.parent

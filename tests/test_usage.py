@@ -10,10 +10,13 @@ import anthropic
 import pytest
 from click.testing import CliRunner
 
-from convo import APIError, ConversationStore, PriceTable
+from convo import APIError, PriceTable
 from convo._cli import cli
 from convo._usage import CallRecord, summarize
+from tests.faces import ConversationStore
 from tests.fakeapi import FakeMessagesAPI
+
+pytestmark = pytest.mark.faces
 
 NOW = datetime(2026, 11, 23, 12, tzinfo=UTC)
 
