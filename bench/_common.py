@@ -185,6 +185,7 @@ SECTIONS = {
     "summaries": "Summaries: facts kept, size and time of the extractive summarizer",
     "startup": "Startup: `convo --help`, `convo list`, `convo send`",
     "backlog": "Backlog: 100,000 turns added, then compacted in bounded chunks",
+    "async_sends": "Async: 100 conversations sending at once from one process",
 }
 
 _PLACEHOLDERS: dict[str, str] = {}

@@ -163,6 +163,21 @@ class AsyncConversationStore:
         """The database URL, with any password masked."""
         return self._core.url
 
+    def __getattr__(self, name: str) -> Any:
+        # The store's settings (model, token_budget, send_lease, ...), as the sync store has.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _data_attribute(self, self._core, name)
+
+    if TYPE_CHECKING:
+        model: str
+        token_budget: int | None
+        low_water: float
+        summarizer_input_tokens: int
+        send_lease: float
+        send_timeout: float | None
+        pool_size: int | None
+
     @property
     def client(self) -> Any:
         """The ``anthropic.AsyncAnthropic`` client."""
@@ -246,12 +261,8 @@ class AsyncConversation:
         return hash(self.id)
 
     def __getattr__(self, name: str) -> Any:
-        # The snapshot's attributes (id, title, model, message_count, ...); never a
-        # sync method, which would block the loop.
-        value = getattr(self._sync, name)
-        if callable(value):
-            raise AttributeError(f"AsyncConversation has no attribute {name!r}")
-        return value
+        # The snapshot's attributes (id, title, model, message_count, ...).
+        return _data_attribute(self, self._sync, name)
 
     if TYPE_CHECKING:
         id: str
@@ -361,6 +372,14 @@ class AsyncConversationStream:
 
 
 _END = object()
+
+
+def _data_attribute(face: object, sync: object, name: str) -> Any:
+    """``sync``'s attribute ``name`` if it is data; a method would block the loop."""
+    value = getattr(sync, name)
+    if callable(value):
+        raise AttributeError(f"{type(face).__name__} has no attribute {name!r}")
+    return value
 
 
 async def _aiter(items: Iterator[Any]) -> AsyncIterator[Any]:

@@ -57,6 +57,10 @@ CALIBRATION_WEIGHT_DOWN: Final = 0.2
 #: An observed ratio below this is our estimate being wrong (a block counted far
 #: above its cost), not the tokenizer: it is ignored rather than followed.
 IMPLAUSIBLE_RATIO: Final = FACTOR_FLOOR / 1.5
+#: A factor made of this many observations is settled: one that would move it by
+#: less than SETTLED_CHANGE (relative) is not written (the margin covers it).
+SETTLED_SAMPLES: Final = 10
+SETTLED_CHANGE: Final = 0.005
 #: The factor used is the calibrated one plus this margin.
 CALIBRATION_MARGIN: Final = 0.03
 #: Observations on tiny requests say little (fixed overheads dominate).
@@ -126,6 +130,17 @@ class Calibration:
         ``media_tokens`` are image and PDF estimates (already the API's tokens: not scaled)."""
         media = min(media_tokens, raw_tokens)
         return math.ceil((raw_tokens - media) * self.effective_factor) + media
+
+    def settled_by(self, raw_tokens: int, actual_tokens: int) -> bool:
+        """True if this observation would leave a settled factor as good as unchanged.
+
+        Settled: at least ``SETTLED_SAMPLES`` observations made it. Unchanged:
+        it would move by less than ``SETTLED_CHANGE`` of itself, either way.
+        """
+        if self.samples < SETTLED_SAMPLES:
+            return False
+        after = self.observe(raw_tokens, actual_tokens)
+        return abs(after.factor - self.factor) < SETTLED_CHANGE * self.factor
 
     def observe(self, raw_tokens: int, actual_tokens: int) -> Calibration:
         """The calibration after one request: ``actual_tokens`` reported for ``raw_tokens``.

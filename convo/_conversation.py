@@ -740,19 +740,24 @@ class Conversation:
         requested = window.params["model"] if window is not None else self.effective_model
         return self._store_reply(_with_writer(turn, requested), window)
 
-    def _store_reply(self, turn: Turn, window: ContextWindow | None) -> Message:
-        """Append an assistant turn; a complete reply to ``window`` also calibrates.
+    def _store_reply(
+        self, turn: Turn, window: ContextWindow | None, *, release: str | None = None
+    ) -> Message:
+        """Append an assistant turn (ending claim ``release``); a complete reply calibrates.
 
         Calibration never fails the call: the reply is stored by then, and a
         database error while calibrating (a deadlock between first sends to a
-        new model, say) is only logged.
+        new model, say) is only logged. An observation that would not move a
+        settled factor is not written: every send on a model would otherwise
+        write that model's one row, which all conversations share.
         """
-        message, row = self.store.append(self.id, turn)
+        message, row = self.store.append(self.id, turn, release=release)
         self._load(row)
         if window is not None and window.calibrates and turn.status == "complete" and turn.usage:
-            self._calibrate(
-                window.params["model"], window.raw_tokens, reported_input_tokens(turn.usage)
-            )
+            actual = reported_input_tokens(turn.usage)
+            known = window.calibration
+            if known is None or not known.settled_by(window.raw_tokens, actual):
+                self._calibrate(window.params["model"], window.raw_tokens, actual)
         return message
 
     def _calibrate(self, model: str, raw_tokens: int, actual_tokens: int) -> Calibration | None:

@@ -15,11 +15,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -397,6 +399,8 @@ class Database:
             _prepare_sqlite_path(url, path)
             inspect_sqlite_file(path, allow_other_tables=allow_other_tables)
         self.engine = make_engine(url, echo=echo, asynchronous=asynchronous, pool_size=pool_size)
+        self._thread_writer = threading.Lock()
+        self._task_writer = asyncio.Lock()
         self._write_engine = self.engine.execution_options(convo_write=True)
         self._max_packet: int | None = None
 
@@ -440,11 +444,38 @@ class Database:
         """
         engine = self._write_engine if write else self.engine
         with (
+            self._writer(write),
             self._reported(),
             Session(engine, expire_on_commit=False) as session,
             session.begin(),
         ):
             yield session
+
+    @contextmanager
+    def _writer(self, write: bool) -> Iterator[None]:
+        """On SQLite, one write transaction of this process at a time.
+
+        SQLite has one writer anyway. Queueing the store's own writers here
+        (a lock for threads, an asyncio lock for tasks) spares them SQLite's
+        busy handler, which polls with sleeps of up to 100 ms: under many
+        concurrent sends that, not the work, was most of a send's time. Other
+        processes still wait on SQLite's lock, within the busy timeout.
+        """
+        if not write or self.dialect != "sqlite":
+            yield
+            return
+        if not self.asynchronous:
+            with self._thread_writer:
+                yield
+            return
+        from ._bridge import wait
+
+        lock = self._task_writer
+        wait(lock.acquire())
+        try:
+            yield
+        finally:
+            lock.release()
 
     @contextmanager
     def migration_connection(self) -> Iterator[Connection]:

@@ -294,13 +294,13 @@ class Sending:
         if self.key is not None:
             turn = replace(turn, key=reply_key(self.key))
         try:
-            message = self.conv._store_reply(turn, self.window)
+            # The reply and the end of the claim: one commit.
+            message = self.conv._store_reply(turn, self.window, release=self.owner)
         except _DB_FAILURES as exc:
             raise self._spool(turn, exc) from exc
         except BaseException:
             self._release_quietly()
             raise
-        self._release_quietly()
         return message
 
     def _release_quietly(self) -> None:

@@ -1021,16 +1021,23 @@ class ConversationStore:
         redactor = self.storage_redactor
         return blocks if redactor is None else redactor.redact_blocks(blocks)
 
-    def append(self, conversation_id: str, turn: Turn) -> tuple[Message, ConversationRow]:
+    def append(
+        self, conversation_id: str, turn: Turn, *, release: str | None = None
+    ) -> tuple[Message, ConversationRow]:
         """Append ``turn`` as the conversation's next seq, atomically.
 
         A turn with an idempotency key that is already stored is not written
-        again: the stored one is returned.
+        again: the stored one is returned. ``release``: the owner of a send's
+        claim, cleared in the same transaction (a send's reply and the end of
+        its claim are one commit).
         """
         if self.auto_replay:
             self.replay_outbox(quiet=True)
         with self._db.transaction(write=True) as session:
             conversation = self._row(session, conversation_id, lock=True)
+            if release is not None and conversation.busy_owner == release:
+                conversation.busy_until = None
+                conversation.busy_owner = None
             existing = self._keyed(session, conversation_id, turn.key)
             if existing is not None:
                 return existing, conversation

@@ -114,6 +114,8 @@ class ContextWindow:
     #: Raw tokens that are image and PDF estimates (already the API's tokens:
     #: the correction factor does not scale them).
     media_tokens: int = 0
+    #: The calibration the estimate was made with.
+    calibration: Calibration | None = None
 
 
 def system_blocks(system: str | list[Block] | None) -> list[Block]:
@@ -617,6 +619,7 @@ def assemble(
         message_seqs=rendered.seqs,
         calibrates=all(counted_exactly(t.content) for t in kept),
         media_tokens=media,
+        calibration=calibration,
     )
 
 

@@ -74,7 +74,8 @@ def server_url(kind: str) -> str:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # A test marked `faces` runs once per API: sync and async (see tests/faces.py).
     if metafunc.definition.get_closest_marker("faces") is not None:
-        metafunc.fixturenames.insert(0, "face")
+        if "face" not in metafunc.fixturenames:
+            metafunc.fixturenames.append("face")  # set up by _face_first, below
         metafunc.parametrize("face", ["sync", "async"], indirect=True)
 
 
@@ -84,6 +85,13 @@ def face(request: pytest.FixtureRequest) -> Iterator[str]:
     faces.FACE = request.param
     yield request.param
     faces.FACE = "sync"
+
+
+@pytest.fixture(autouse=True)
+def _face_first(request: pytest.FixtureRequest) -> None:
+    """A `faces` test's API is chosen before any other fixture opens a store."""
+    if request.node.get_closest_marker("faces") is not None:
+        request.getfixturevalue("face")
 
 
 @pytest.fixture(autouse=True)

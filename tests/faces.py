@@ -26,6 +26,8 @@ from typing import Any
 import anthropic
 
 import convo
+from convo._bridge import run
+from convo._database import Database
 
 #: The face the current test runs (set by the ``face`` fixture in conftest).
 FACE = "sync"
@@ -57,7 +59,8 @@ class _Loop:
         self._thread.start()
 
     def call(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+        # A bound, so that a loop that died (a KeyboardInterrupt inside it) fails the test.
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=600)
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -73,7 +76,10 @@ class Blocking:
         self._target = target
 
     def __getattr__(self, name: str) -> Any:
-        value = getattr(self._target, name)
+        try:
+            value = getattr(self._target, name)
+        except AttributeError:
+            return self._inside(name)
         if name in ("stream", "regenerate_stream"):
             return lambda *args, **kwargs: BlockingStream(self._loop, value(*args, **kwargs))
         if inspect.isasyncgenfunction(value):
@@ -81,6 +87,10 @@ class Blocking:
         if inspect.iscoroutinefunction(value):
             return lambda *args, **kwargs: self._wrap(self._loop.call(value(*args, **kwargs)))
         return value
+
+    def _inside(self, name: str) -> Any:
+        """What the async API does not offer, for white-box tests: raise AttributeError."""
+        raise AttributeError(f"{type(self._target).__name__} has no attribute {name!r}")
 
     def _wrap(self, value: Any) -> Any:
         if isinstance(value, convo.AsyncConversation):
@@ -105,6 +115,7 @@ class BlockingStore(Blocking):
     def __init__(self, url: Any = None, **options: Any) -> None:
         client = options.get("client")
         self._made_client: anthropic.AsyncAnthropic | None = None
+        self._database: _TestDatabase | None = None
         if isinstance(client, anthropic.Anthropic):
             options["client"] = self._made_client = async_client(client)
         loop = _Loop()
@@ -120,7 +131,38 @@ class BlockingStore(Blocking):
     def client(self) -> Any:
         return self._target.client
 
+    @property
+    def database(self) -> _TestDatabase:
+        """The store's database, for white-box tests (see :class:`_TestDatabase`)."""
+        if self._database is None:
+            self._database = _TestDatabase(self._target.core.database)
+        return self._database
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A test replacing a setting or part of the store (its rate limiter, say)
+        # replaces it in the core the async store runs.
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._target.core, name, value)
+
+    def _inside(self, name: str) -> Any:
+        """For white-box tests, the core the async store runs: its methods run on the loop
+        through the bridge, as the async store runs them."""
+        value = getattr(self._target.core, name)
+        if not callable(value):
+            return value
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = value(*args, **kwargs)
+            # A generator reads the database as it goes: read it all here, on the loop.
+            return iter(list(result)) if inspect.isgenerator(result) else result
+
+        return lambda *args, **kwargs: self._loop.call(run(call, *args, **kwargs))
+
     def close(self) -> None:
+        if self._database is not None:
+            self._database.close()
         try:
             self._loop.call(self._target.aclose())
             if self._made_client is not None:
@@ -133,6 +175,32 @@ class BlockingStore(Blocking):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class _TestDatabase:
+    """The async store's database as white-box tests use it.
+
+    Its ``engine`` is the store's own (events hooked on it fire inside the store's
+    statements, to inject faults); ``transaction()`` opens a sync session on the
+    same URL, for reading and damaging rows directly.
+    """
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+        self._direct = Database(database.url)
+
+    @property
+    def engine(self) -> Any:
+        return self._database.engine
+
+    def transaction(self, *, write: bool = False) -> Any:
+        return self._direct.transaction(write=write)
+
+    def close(self) -> None:
+        self._direct.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._database, name)
 
 
 class BlockingStream:

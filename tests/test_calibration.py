@@ -14,6 +14,7 @@ from convo._budget import (
     DEFAULT_FACTOR,
     FACTOR_CEILING,
     FACTOR_FLOOR,
+    SETTLED_SAMPLES,
     Calibration,
 )
 from convo._models import CalibrationRow, utcnow
@@ -158,7 +159,9 @@ def test_one_small_image_no_longer_poisons_other_conversations(
         other = store.create()
         for i in range(30):
             other.send(f"Question {i}: " + WORDS * 25)
-        assert store.calibration(store.model).samples == 30
+        # Calibrated by the text-only requests; settled after SETTLED_SAMPLES of them,
+        # after which observations that would not move it are not written.
+        assert store.calibration(store.model).samples >= SETTLED_SAMPLES
         assert store.calibration(store.model).factor == pytest.approx(1.2, abs=0.05)
         for request in fake_api.requests:
             assert request.usage is not None
@@ -287,3 +290,12 @@ def test_image_tokens_are_not_scaled_by_the_tokenizer_factor(
         request = fake_api.requests[-1]
         assert request.usage is not None
         assert _input_tokens(request.usage) <= 2_000
+
+
+def test_a_settled_factor_is_not_rewritten_for_an_observation_that_would_not_move_it() -> None:
+    settled = Calibration(1.2, SETTLED_SAMPLES)
+    assert settled.settled_by(10_000, 12_010)  # 0.1% off: the shared row is left alone
+    assert not settled.settled_by(10_000, 13_000)  # 8% above: written (the dangerous side)
+    assert not settled.settled_by(10_000, 11_000)  # 8% below: written too
+    young = Calibration(1.2, SETTLED_SAMPLES - 1)
+    assert not young.settled_by(10_000, 12_010)  # still learning: every observation counts

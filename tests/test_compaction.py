@@ -24,6 +24,7 @@ from convo import (
     MessageTooLarge,
     SummarizerFailed,
 )
+from convo._budget import SETTLED_SAMPLES
 from convo._models import ArchiveBlockRow, MessageRow, SummaryRow
 from convo._summarizer import SummaryTurn
 from tests.faces import ConversationStore
@@ -244,7 +245,8 @@ def test_calibration_converges_on_the_apis_tokenizer(
         conv.add("user", question(99))
         window = conv.window(max_tokens=200)
     assert before.samples == 0
-    assert calibration.samples == 15
+    # Each reply calibrated until the factor settled (then only a change is written).
+    assert SETTLED_SAMPLES <= calibration.samples <= 15
     # The fake counts cl100k x 1.2 (and frames a turn in 3 tokens to our 4).
     assert calibration.factor == pytest.approx(1.2, abs=0.03)
     actual = fake_api.count_request_tokens(window.params)
