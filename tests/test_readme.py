@@ -75,3 +75,14 @@ def test_readme_send_and_stream_example_runs(
     assert lines[1] == "echo: And three more?"
     assert lines[2] == "4 end_turn"
     assert [r.stream for r in fake_api.requests] == [False, True]
+
+
+def test_readme_async_example_runs(isolated_environment: Path, fake_api: FakeMessagesAPI) -> None:
+    (block,) = [b for b in _python_blocks() if "AsyncConversationStore()" in b]
+    env = {**os.environ, "ANTHROPIC_API_KEY": "test-key", "ANTHROPIC_BASE_URL": fake_api.base_url}
+    done = subprocess.run(
+        [sys.executable, "-c", block], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["echo: Hello!", "echo: And in French?", "complete 4"]
+    assert [r.stream for r in fake_api.requests] == [False, True]
