@@ -45,7 +45,7 @@ def _writer(
 ) -> None:
     with ConversationStore(url) as store:
         conv = store.get(conversation_id)
-        store.count_text("warm up the tokenizer")
+        store.turns.count_text("warm up the tokenizer")
         conv.refresh()
         barrier.wait()
         started = time.monotonic()

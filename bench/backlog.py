@@ -60,14 +60,14 @@ def add_backlog(store: ConversationStore, conversation_id: str, pool: c.TurnPool
         return
     now = utcnow()
     with store.database.transaction(write=True) as session:
-        row = store._row(session, conversation_id, lock=True)
+        row = store.records.row(session, conversation_id, lock=True)
         rows = [
             {
                 "conversation_id": conversation_id,
                 "seq": row.last_seq + 1 + i,
                 "role": role,
                 "content": content,
-                "token_count": store.count(content),
+                "token_count": store.turns.count(content),
                 "status": "complete",
                 "created_at": now,
             }

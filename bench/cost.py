@@ -297,7 +297,7 @@ def run_convo(
                 last = request.body["messages"][-1]["content"][-1]
                 if last.get("text", "").startswith(_recall.RECALL_HEADER):
                     use.requests += 1
-                    use.tokens += store.count_text(last["text"])
+                    use.tokens += store.turns.count_text(last["text"])
     return bill(fake, start)
 
 
@@ -305,7 +305,7 @@ def _stored_recall(conv: Any, user: str) -> tuple[str, int]:
     """Option B's block for the next user turn: convo's own recall, looked up before it is
     stored (every live turn is in the request then, so only archived turns qualify)."""
     store = conv.store
-    state = store.live_state(conv.id)
+    state = store.records.live_state(conv.id)
     budget = conv.budget(max_tokens=MAX_TOKENS)
     factor = store.calibration(conv.effective_model).effective_factor
     reserve = _recall.reserve(
@@ -328,9 +328,9 @@ def _stored_recall(conv: Any, user: str) -> tuple[str, int]:
     )
     if query is None:
         return "", 0
-    hits = store.recall_for(query, _recall.REQUEST_K)
+    hits = store.records.recall_for(query, _recall.REQUEST_K)
     _, block, tokens = _recall.select(
-        hits, query, first_seq=query.exclude_from_seq, count_text=store.count_text
+        hits, query, first_seq=query.exclude_from_seq, count_text=store.turns.count_text
     )
     return block, tokens
 

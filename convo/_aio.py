@@ -235,6 +235,7 @@ class AsyncConversationStore:
     message_total = _awaited(ConversationStore.message_total)
     pending_replies = _awaited(ConversationStore.pending_replies)
     replay_outbox = _awaited(ConversationStore.replay_outbox)
+    calibration = _awaited(ConversationStore.calibration)
 
 
 class AsyncConversation:

@@ -831,7 +831,7 @@ def edit(conversation_id: str, seq: int, text: str | None, db_url: str | None) -
         if text == "-":
             text = sys.stdin.read()
         elif text is None:
-            current = next(conv.store.history(conv.id, after=seq - 1), None)
+            current = next(conv.store.records.history(conv.id, after=seq - 1), None)
             text = click.edit(_turn_text(current) if current and current.seq == seq else "")
         if text is None or not text.strip():
             raise click.UsageError("nothing to store: the new text is empty")
@@ -1207,7 +1207,7 @@ def outbox_list(db_url: str | None) -> None:
     """
     with _store(db_url, auto_replay=False) as store:
         pending = store.pending_replies()
-        path = store.outbox.path
+        path = store.records.outbox.path
     for entry in pending:
         text = "".join(
             b.get("text", "") for b in entry.turn.get("content", []) if isinstance(b, dict)

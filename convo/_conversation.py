@@ -21,18 +21,13 @@ from ._budget import (
 from ._editing import check_edit, deletion_span, regeneration_span
 from ._message import Message
 from ._models import ConversationRow
+from ._records import Compaction, LiveState
 from ._sending import ConversationStream, check_request_params
 from ._sending import send as send_turn
-from ._store import (
-    Compaction,
-    ConversationStore,
-    LiveState,
-    Turn,
-    _check_text,
-    check_key,
-)
+from ._store import ConversationStore
 from ._summarizer import ExtractiveSummarizer
 from ._tokens import media_tokens
+from ._turns import Turn, check_key, check_text
 from ._window import (
     ContextWindow,
     LiveTurn,
@@ -111,8 +106,7 @@ class Conversation:
 
     def refresh(self) -> Conversation:
         """Reload the attributes from the database."""
-        with self.store.database.transaction() as session:
-            self._load(self.store._row(session, self.id))
+        self._load(self.store.records.conversation(self.id))
         return self
 
     # -- turns ------------------------------------------------------------------
@@ -142,7 +136,7 @@ class Conversation:
         returned and nothing is written.
         """
         turn = self._checked_turn(role, content, model, key)
-        message, row = self.store.append(self.id, turn)
+        message, row = self.store.records.append(self.id, turn)
         self._load(row)
         return message
 
@@ -150,10 +144,10 @@ class Conversation:
         self, role: object, content: object, model: object, key: object = None
     ) -> Turn:
         """A turn checked, redacted and counted as ``add`` stores it; writes nothing."""
-        checked = _check_text("model", model, 100)
+        checked = check_text("model", model, 100)
         if checked is not None and role != "assistant":
             raise InvalidInput("model", "is recorded for assistant turns only")
-        turn = self.store.make_turn(role, content, model=checked, key=check_key(key))
+        turn = self.store.turns.make_turn(role, content, model=checked, key=check_key(key))
         turn = _with_writer(turn, self.effective_model)
         self._check_fits(turn)
         return turn
@@ -178,7 +172,7 @@ class Conversation:
             checked.append(turn)
         if not checked:
             return []
-        messages, row = self.store.append_many(self.id, checked)
+        messages, row = self.store.records.append_many(self.id, checked)
         self._load(row)
         return messages
 
@@ -203,11 +197,11 @@ class Conversation:
 
     def history(self) -> list[Message]:
         """Every turn of the conversation, in order, archived ones included."""
-        return list(self.store.history(self.id))
+        return list(self.store.records.history(self.id))
 
     def iter_history(self) -> Iterator[Message]:
         """Every turn, in order, read in batches: for very long conversations."""
-        return self.store.history(self.id)
+        return self.store.records.history(self.id)
 
     def edit(self, seq: int, content: str | list[Any]) -> Message:
         """Replace the content of live turn ``seq`` (same role) and return it as stored.
@@ -217,12 +211,12 @@ class Conversation:
         as they were, so the history stays valid. Raises :class:`InvalidInput`
         (nothing written) otherwise, :class:`ConversationBusy` during a send.
         """
-        state = self.store.live_state(self.id)
-        turn = self.store.make_turn(_role_of(state, seq), content)
+        state = self.store.records.live_state(self.id)
+        turn = self.store.turns.make_turn(_role_of(state, seq), content)
         check_edit(state.turns, seq, state.row.archived_through_seq, turn.content)
         self._check_fits(turn)
-        self._load(self.store.replace_turn(self.id, seq, turn))
-        return next(self.store.history(self.id, after=seq - 1))
+        self._load(self.store.records.replace_turn(self.id, seq, turn))
+        return next(self.store.records.history(self.id, after=seq - 1))
 
     def delete_turn(self, seq: int) -> list[int]:
         """Delete live turn ``seq`` (with its tool partner, if any); later turns are renumbered.
@@ -230,9 +224,9 @@ class Conversation:
         Returns the seqs that were deleted (numbered as they were before). A
         ``tool_use`` turn and the ``tool_result`` turn answering it go together.
         """
-        state = self.store.live_state(self.id)
+        state = self.store.records.live_state(self.id)
         span = deletion_span(state.turns, seq, state.row.archived_through_seq)
-        self._load(self.store.delete_turns(self.id, span))
+        self._load(self.store.records.delete_turns(self.id, span))
         return list(span)
 
     def regenerate(self, /, **params: Any) -> Message:
@@ -248,11 +242,11 @@ class Conversation:
         return self.stream(self._take_back_last_exchange(), **params)
 
     def _take_back_last_exchange(self) -> list[Any]:
-        state = self.store.live_state(self.id)
+        state = self.store.records.live_state(self.id)
         span = regeneration_span(state.turns, state.row.archived_through_seq)
         self.store.client  # noqa: B018 - MissingAPIKey before anything is deleted
         content = next(t.content for t in state.turns if t.seq == span[0])
-        self._load(self.store.delete_turns(self.id, span))
+        self._load(self.store.records.delete_turns(self.id, span))
         return content
 
     def update(
@@ -272,11 +266,11 @@ class Conversation:
             "system": system,
             "token_budget": token_budget,
         }
-        changes = self.store.conversation_columns(
+        changes = self.store.turns.conversation_columns(
             {name: value for name, value in given.items() if not isinstance(value, _Unset)}
         )
         if changes:
-            self._load(self.store.update_conversation(self.id, changes))
+            self._load(self.store.records.update_conversation(self.id, changes))
         return self
 
     # -- the context window -------------------------------------------------------
@@ -291,7 +285,7 @@ class Conversation:
 
     def _system_tokens(self) -> int:
         blocks = system_blocks(self.system)
-        return sum(self.store.count_text(b.get("text", "")) for b in blocks)
+        return sum(self.store.turns.count_text(b.get("text", "")) for b in blocks)
 
     def window(self, /, *, compact: bool = True, **params: Any) -> ContextWindow:
         """The next request's context window, with its token accounting.
@@ -312,7 +306,7 @@ class Conversation:
         calibration = self.store.calibration(model)
         prompt_params: dict[str, Any] = {k: params[k] for k in _PROMPT_PARAMS if k in params}
         extra_tokens = (
-            self.store.count_text(json_tokens_text(prompt_params)) if prompt_params else 0
+            self.store.turns.count_text(json_tokens_text(prompt_params)) if prompt_params else 0
         )
         # A top-level cache_control (automatic caching) is a breakpoint too.
         automatic = params.get("cache_control")
@@ -334,7 +328,7 @@ class Conversation:
                     reserved = again
                     row, summary, plan = self._plan(budget, factor, extra_tokens + reserved)
         if compact and plan.start_seq > max(row.window_start_seq, row.archived_through_seq + 1):
-            self.store.set_compaction_state(self.id, window_start_seq=plan.start_seq)
+            self.store.records.set_compaction_state(self.id, window_start_seq=plan.start_seq)
         backlog = range(row.archived_through_seq + 1, plan.start_seq)
         if backlog:
             notes.append(
@@ -355,7 +349,7 @@ class Conversation:
                 budget=budget,
                 calibration=calibration,
                 system_tokens=system_tokens,
-                counter=self.store.cached_counter,
+                counter=self.store.turns.cached_counter,
                 extra_tokens=extra_tokens + reserved,
                 user_breakpoints=count_breakpoints(prompt_params) + count_breakpoints(self.system),
                 cache_control=automatic if isinstance(automatic, dict) else None,
@@ -397,7 +391,7 @@ class Conversation:
                 recall,
                 hits,
                 reserved=reserved,
-                count_text=self.store.count_text,
+                count_text=self.store.turns.count_text,
                 calibration=calibration,
             )
             if not self.store.exact_token_counts:
@@ -463,7 +457,7 @@ class Conversation:
         if recall is None:
             return []
         try:
-            return self.store.recall_for(recall.outside(window), _recall.REQUEST_K)
+            return self.store.records.recall_for(recall.outside(window), _recall.REQUEST_K)
         except Exception as exc:  # recall is a help: it must never fail a send
             logger.warning(
                 "conversation %s: recall failed, the request goes without it: %s",
@@ -484,7 +478,7 @@ class Conversation:
         fields = {k: v for k, v in prompt_params.items() if k in ("tools", "tool_choice")}
         # What is counted is what would be sent (redacted if redact_requests is on),
         # under the store's rate limits.
-        outbound = self.store.outbound(request)
+        outbound = self.store.turns.outbound(request)
         counted = self.store.limited_client.messages.count_tokens(**outbound, **fields)
         return int(counted.input_tokens)
 
@@ -511,7 +505,7 @@ class Conversation:
             start = max(floor, row.window_start_seq)
             return start, lambda turns: _compaction.tail_is_enough(turns, available)
 
-        row, summary, tail, reached = self.store.live_window(self.id, reader)
+        row, summary, tail, reached = self.store.records.live_window(self.id, reader)
         self._load(row)
         if force:
             index = _compaction.newest_exchange(tail)
@@ -525,7 +519,7 @@ class Conversation:
                 budget=budget,
                 available=limits["available"],
                 low_water=limits["low_water"],
-                counter=self.store.cached_counter,
+                counter=self.store.turns.cached_counter,
             )
             index = _compaction.choose_start(
                 sent,
@@ -552,13 +546,13 @@ class Conversation:
             - extra_tokens
             - sum(t.tokens for t in newest)
         )
-        header = self.store.count_text(
+        header = self.store.turns.count_text(
             summary_block(SummaryPart("", summary.through_seq, 0))["text"]
         )
-        text = _compaction.clip_text(summary.text, room - header, self.store.count_text)
+        text = _compaction.clip_text(summary.text, room - header, self.store.turns.count_text)
         if not text:
             return None
-        tokens = self.store.count_text(
+        tokens = self.store.turns.count_text(
             summary_block(SummaryPart(text, summary.through_seq, 0))["text"]
         )
         return SummaryPart(text, summary.through_seq, tokens)
@@ -592,7 +586,7 @@ class Conversation:
         allowance = _compaction.chunk_allowance(
             store.summarizer_input_tokens, summary.tokens if summary else 0
         )
-        turns, reached = store.live_turns(
+        turns, reached = store.records.live_turns(
             self.id,
             first_seq=floor,
             last_seq=until_seq - 1,
@@ -614,12 +608,12 @@ class Conversation:
                 target_tokens=_compaction.summary_target(budget_raw),
                 primary=store.summarizer if attempt == "primary" else None,
                 fallback=fallback,
-                count=store.count_text,
-                redact=store.redacted_for_summary,
+                count=store.turns.count_text,
+                redact=store.turns.redacted_for_summary,
             )
         except _compaction.SummaryNotMade as exc:
             failed = backoff.failed(now) if attempt == "primary" else backoff
-            store.set_compaction_state(self.id, backoff=failed)
+            store.records.set_compaction_state(self.id, backoff=failed)
             message = (
                 f"could not summarize turns {chunk[0].seq}-{chunk[-1].seq} of {self.id}; they "
                 f"stay live ({exc.failure})"
@@ -654,7 +648,7 @@ class Conversation:
                 f"{type(fallback).__name__}: {why}"
             )
             logger.warning("conversation %s: %s", self.id, note, extra={"conversation_id": self.id})
-        done = store.write_chunk(
+        done = store.records.write_chunk(
             self.id,
             archived_through_seq=row.archived_through_seq,
             last_seq=covered[-1].seq,
@@ -751,7 +745,7 @@ class Conversation:
         settled factor is not written: every send on a model would otherwise
         write that model's one row, which all conversations share.
         """
-        message, row = self.store.append(self.id, turn, release=release)
+        message, row = self.store.records.append(self.id, turn, release=release)
         self._load(row)
         if window is not None and window.calibrates and turn.status == "complete" and turn.usage:
             actual = reported_input_tokens(turn.usage)
@@ -768,7 +762,7 @@ class Conversation:
         deadlock when two processes write a model's first row at once).
         """
         try:
-            return self.store.observe_usage(model, raw_tokens, actual_tokens)
+            return self.store.records.observe_usage(model, raw_tokens, actual_tokens)
         except (DatabaseError, sa_exc.SQLAlchemyError) as exc:
             logger.warning(
                 "conversation %s: calibration of %s skipped: %s",
@@ -809,11 +803,11 @@ class Conversation:
         otherwise make every later send fail. Its status becomes
         ``"excluded"``; :meth:`include` undoes it.
         """
-        self.store.set_excluded(self.id, seq, True)
+        self.store.records.set_excluded(self.id, seq, True)
 
     def include(self, seq: int) -> None:
         """Send an excluded turn again from the next request on."""
-        self.store.set_excluded(self.id, seq, False)
+        self.store.records.set_excluded(self.id, seq, False)
 
     def release_claim(self, *, force: bool = False) -> bool:
         """Clear a send's claim on this conversation, left by a sender that died.
@@ -825,7 +819,7 @@ class Conversation:
             raise InvalidInput(
                 "force", "release_claim clears any sender's claim: pass force=True to mean it"
             )
-        return self.store.release(self.id)
+        return self.store.records.release(self.id)
 
     def stream(
         self, content: str | list[Any], *, key: str | None = None, **params: Any
@@ -844,7 +838,7 @@ class Conversation:
 
     def summary(self) -> str | None:
         """The current rolling summary of the archived turns, if any."""
-        _row, summary = self.store.window_head(self.id)
+        _row, summary = self.store.records.window_head(self.id)
         return summary.text if summary else None
 
 

@@ -59,8 +59,8 @@ from ._models import (
     utcnow,
 )
 from ._search import searchable_text
-from ._store import MESSAGE_COLUMNS, Turn, _check_metadata, _check_text
 from ._summarizer import SummaryTurn, transcript
+from ._turns import MESSAGE_COLUMNS, Turn, check_metadata, check_text
 from ._window import LiveTurn, SummaryPart, render_messages, summary_block, system_blocks
 from .errors import ConversationNotFound, ConvoError, ExportFailed, InvalidInput
 
@@ -280,9 +280,9 @@ def _export_one(
         write(_dumps(conversation_record(conv)) + "\n")
         for message in messages_of():
             write(_dumps(message_record(message)) + "\n")
-        for block in store.archive_blocks(conv.id):
+        for block in store.records.archive_blocks(conv.id):
             write(_dumps(archive_record(block)) + "\n")
-        for summary in store.summaries(conv.id):
+        for summary in store.records.summaries(conv.id):
             write(_dumps(summary_record(summary)) + "\n")
     elif format == "json":
         document = conversation_record(conv)
@@ -290,9 +290,9 @@ def _export_one(
         write("\n" + _dumps(document)[:-1] + ',"messages":[')
         _json_items(write, map(message_record, messages_of()))
         write('],"archive":[')
-        _json_items(write, map(archive_record, store.archive_blocks(conv.id)))
+        _json_items(write, map(archive_record, store.records.archive_blocks(conv.id)))
         write('],"summaries":[')
-        _json_items(write, map(summary_record, store.summaries(conv.id)))
+        _json_items(write, map(summary_record, store.records.summaries(conv.id)))
         write("]}")
     elif format == "markdown":
         _markdown(conv, messages_of(), write)
@@ -724,7 +724,7 @@ def _check_usage(where: str, value: Any) -> dict[str, Any] | None:
         if key.endswith("_tokens") and count is not None:
             _check_count(where, f"usage.{key}", count)
     try:
-        return _check_metadata(value)
+        return check_metadata(value)
     except InvalidInput as exc:
         raise InvalidInput(where, f"usage {exc.problem}") from None
 
@@ -746,7 +746,7 @@ class _Importer:
                 where, "archived_through_seq", record.get("archived_through_seq", 0) or 0
             )
             # The checks (and redact_storage) that create() applies.
-            columns = self.store.conversation_columns(
+            columns = self.store.turns.conversation_columns(
                 {
                     name: record.get(name)
                     for name in ("user_id", "title", "model", "system", "token_budget", "metadata")
@@ -783,12 +783,12 @@ class _Importer:
             content = record.get("content")
             role = record.get("role")
             if role == "assistant" and content == []:  # a reply cut before any text
-                turn = Turn("assistant", [], self.store.count([]))
+                turn = Turn("assistant", [], self.store.turns.count([]))
             else:
-                turn = self.store.make_turn(role, content)
+                turn = self.store.turns.make_turn(role, content)
             conv._check_fits(turn)
             fields = {
-                name: _check_text(name, record.get(name), size)
+                name: check_text(name, record.get(name), size)
                 for name, size in (("model", 100), ("stop_reason", 64), ("request_id", 128))
             }
         except InvalidInput as exc:
@@ -846,7 +846,7 @@ class _Importer:
                 # are stored (redact_storage may have changed both alike).
                 checked = [
                     _archive.ArchivedTurn(
-                        t.seq, t.role, self.store.for_storage(normalize_content(t.content))
+                        t.seq, t.role, self.store.turns.for_storage(normalize_content(t.content))
                     )
                     for t in turns
                 ]
@@ -892,9 +892,9 @@ class _Importer:
             if not isinstance(text, str) or not text.strip():
                 raise InvalidInput(where, "text must be a non-empty string")
             try:
-                summarizer = _check_text("summarizer", record.get("summarizer"), 32)
-                model = _check_text("model", record.get("model"), 100)
-                text = _check_text("text", text, 10**8) or ""
+                summarizer = check_text("summarizer", record.get("summarizer"), 32)
+                model = check_text("model", record.get("model"), 100)
+                text = check_text("text", text, 10**8) or ""
                 if self.store.storage_redactor is not None:
                     text = self.store.storage_redactor.redact_text(text)
             except InvalidInput as exc:
@@ -904,7 +904,7 @@ class _Importer:
                     conversation_id=conversation_id,
                     through_seq=through,
                     text=text,
-                    token_count=self.store.count_text(
+                    token_count=self.store.turns.count_text(
                         summary_block(SummaryPart(text, through, 0))["text"]
                     ),
                     summarizer=summarizer or "custom",

@@ -156,7 +156,7 @@ def render_turn(message: Message, text: str) -> str:
 
 def recent_turns(conv: Conversation, count: int = RESUME_TURNS) -> Iterator[Message]:
     """The last ``count`` turns of ``conv`` (read without walking the whole history)."""
-    return conv.store.history(conv.id, after=max(0, conv.message_count - count))
+    return conv.store.records.history(conv.id, after=max(0, conv.message_count - count))
 
 
 def describe(conv: Conversation) -> str:

@@ -10,7 +10,8 @@ from ._message import Status
 from .errors import InvalidInput
 
 if TYPE_CHECKING:
-    from ._store import ConversationStore, Turn
+    from ._store import ConversationStore
+    from ._turns import Turn
 
 
 def _field(response: Any, name: str) -> Any:
@@ -65,7 +66,7 @@ def turn_from_response(
     request_id: str | None = None,
 ) -> Turn:
     """The assistant turn for ``response`` (an SDK ``Message`` or a dict of its shape)."""
-    from ._store import Turn
+    from ._turns import Turn
 
     role = _field(response, "role")
     if role not in (None, "assistant"):
@@ -74,7 +75,7 @@ def turn_from_response(
     if content is None:
         raise InvalidInput("response.content", "is missing: is this a Messages API response?")
     # A reply can be empty (e.g. it stopped at once): stored as it came.
-    blocks = store.for_storage(normalize_content(content)) if len(content) else []
+    blocks = store.turns.for_storage(normalize_content(content)) if len(content) else []
     if request_id is None:
         request_id = (
             response.get("_request_id") or response.get("request_id")
@@ -84,7 +85,7 @@ def turn_from_response(
     return Turn(
         role="assistant",
         content=blocks,
-        token_count=store.count(blocks),
+        token_count=store.turns.count(blocks),
         status=status,
         model=_field(response, "model"),
         stop_reason=_field(response, "stop_reason"),

@@ -39,12 +39,12 @@ from ._budget import DEFAULT_MAX_TOKENS
 from ._message import Message
 from ._models import utcnow
 from ._response import turn_from_response, usage_dict
-from ._store import AlreadyAnswered, _check_positive, check_key, reply_key
+from ._turns import AlreadyAnswered, check_key, check_positive, reply_key
 from .errors import APIError, DatabaseError, InvalidInput, ReplyNotStored, StreamInterrupted
 
 if TYPE_CHECKING:
     from ._conversation import Conversation
-    from ._store import Turn
+    from ._turns import Turn
     from ._window import ContextWindow
 
 logger = logging.getLogger("convo.api")
@@ -71,7 +71,7 @@ def check_request_params(params: dict[str, Any]) -> int:
             "streams under the hood when max_tokens needs it)",
         )
     max_tokens = params.get("max_tokens", DEFAULT_MAX_TOKENS)
-    _check_positive("max_tokens", max_tokens)
+    check_positive("max_tokens", max_tokens)
     return int(max_tokens)
 
 
@@ -216,12 +216,12 @@ class Sending:
         max_tokens = check_request_params(params)
         self.key = check_key(key)
         self.client = self.store.client  # MissingAPIKey before anything is written
-        turn = self.store.make_turn("user", content, key=self.key)
+        turn = self.store.turns.make_turn("user", content, key=self.key)
         conv._check_fits(turn, max_tokens=max_tokens)
         self.answered: Message | None = None
         self.settled = False
         try:
-            self.user_message, row, self.owner = self.store.claim_and_append(conv.id, turn)
+            self.user_message, row, self.owner = self.store.records.claim_and_append(conv.id, turn)
         except AlreadyAnswered as done:
             self.answered = done.message
             self.settled = True
@@ -231,14 +231,14 @@ class Sending:
         self.deadline = time.monotonic() + timeout if timeout is not None else None
         store, owner = self.store, self.owner
         self.heartbeat = store._heartbeat_class(
-            lambda: store.renew(conv.id, owner),
+            lambda: store.records.renew(conv.id, owner),
             lease=store.send_lease,
             deadline=self.deadline,
             name=f"conversation {conv.id}",
         )
         try:
             self.window = conv.window(**params)
-            self.request = self.store.outbound(self.window.params)
+            self.request = self.store.turns.outbound(self.window.params)
         except BaseException:
             self.fail()
             raise
@@ -259,8 +259,10 @@ class Sending:
         self.heartbeat.stop()
         model = self.window.params["model"] if hasattr(self, "window") else None
         try:
-            self.store.set_status(self.conv.id, self.user_message.seq, "failed", model=model)
-            self.store.release(self.conv.id, self.owner)
+            self.store.records.set_status(
+                self.conv.id, self.user_message.seq, "failed", model=model
+            )
+            self.store.records.release(self.conv.id, self.owner)
         except _DB_FAILURES as exc:
             logger.warning(
                 "conversation %s: could not mark turn %d failed or release the claim: %s",
@@ -305,7 +307,7 @@ class Sending:
 
     def _release_quietly(self) -> None:
         try:
-            self.store.release(self.conv.id, self.owner)
+            self.store.records.release(self.conv.id, self.owner)
         except _DB_FAILURES as exc:
             logger.warning("conversation %s: could not release the claim: %s", self.conv.id, exc)
 
@@ -314,12 +316,12 @@ class Sending:
         reply = turn.as_message(self.conv.id, 0, utcnow())
         outbox_id: str | None = None
         try:
-            outbox_id = self.store.spool_reply(
+            outbox_id = self.store.records.spool_reply(
                 self.conv.id, self.user_message.seq, self.owner, turn
             )
             kept = (
-                f"it is kept in the outbox ({self.store.outbox.path}) and will be written on "
-                "the next use of the store, or by `convo outbox replay`"
+                f"it is kept in the outbox ({self.store.records.outbox.path}) and will be "
+                "written on the next use of the store, or by `convo outbox replay`"
             )
         except OSError as exc:
             logger.error("conversation %s: the outbox cannot be written: %s", self.conv.id, exc)

@@ -147,18 +147,16 @@ class BlockingStore(Blocking):
             setattr(self._target.core, name, value)
 
     def _inside(self, name: str) -> Any:
-        """For white-box tests, the core the async store runs: its methods run on the loop
-        through the bridge, as the async store runs them."""
-        value = getattr(self._target.core, name)
-        if not callable(value):
-            return value
+        """For white-box tests, the core the async store runs (see :class:`OnLoop`)."""
+        return getattr(OnLoop(self._loop, self._target.core), name)
 
-        def call(*args: Any, **kwargs: Any) -> Any:
-            result = value(*args, **kwargs)
-            # A generator reads the database as it goes: read it all here, on the loop.
-            return iter(list(result)) if inspect.isgenerator(result) else result
+    @property
+    def records(self) -> OnLoop:
+        return OnLoop(self._loop, self._target.core.records)
 
-        return lambda *args, **kwargs: self._loop.call(run(call, *args, **kwargs))
+    @property
+    def turns(self) -> OnLoop:
+        return OnLoop(self._loop, self._target.core.turns)
 
     def close(self) -> None:
         if self._database is not None:
@@ -175,6 +173,27 @@ class BlockingStore(Blocking):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class OnLoop:
+    """A part of the core the async store runs, for white-box tests: its methods run on
+    the store's loop through the bridge, as the async store runs them."""
+
+    def __init__(self, loop: _Loop, target: Any) -> None:
+        self._loop = loop
+        self._target = target
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._target, name)
+        if not callable(value):
+            return value
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = value(*args, **kwargs)
+            # A generator reads the database as it goes: read it all here, on the loop.
+            return iter(list(result)) if inspect.isgenerator(result) else result
+
+        return lambda *args, **kwargs: self._loop.call(run(call, *args, **kwargs))
 
 
 class _TestDatabase:

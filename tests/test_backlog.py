@@ -51,7 +51,7 @@ def backlog(store: ConversationStore, conv: Conversation, count: int) -> None:
     in bulk (the append path one row at a time would take minutes at 100,000)."""
     first = conv.message_count + 1
     turns = [
-        store.make_turn(
+        store.turns.make_turn(
             "user" if (first + i) % 2 else "assistant",
             f"Turn {first + i}: " + WORDS * (1 + (first + i) % 3),
         )
@@ -59,7 +59,7 @@ def backlog(store: ConversationStore, conv: Conversation, count: int) -> None:
     ]
     now = utcnow()
     with store.database.transaction(write=True) as session:
-        row = store._row(session, conv.id, lock=True)
+        row = store.records.row(session, conv.id, lock=True)
         messages = [
             {
                 "conversation_id": conv.id,
@@ -273,7 +273,7 @@ def test_a_summarizer_down_for_an_hour_backs_off_then_falls_back(
             assert request.status == 200
             assert _reported(request.usage) <= 3_000
         with store.database.transaction() as session:
-            row = store._row(session, conv.id)
+            row = store.records.row(session, conv.id)
             assert row.compaction_failures == attempts
             assert row.compaction_retry_at is not None
         # The summarizer is back: at its next try Claude writes the summaries again.
@@ -285,7 +285,7 @@ def test_a_summarizer_down_for_an_hour_backs_off_then_falls_back(
         assert conv.refresh().message_count == 160
         assert [m.seq for m in conv.history()] == list(range(1, 161))
         with store.database.transaction() as session:
-            assert store._row(session, conv.id).compaction_failures == 0
+            assert store.records.row(session, conv.id).compaction_failures == 0
 
 
 class Down:
@@ -366,7 +366,7 @@ def test_prompt_too_long_splits_the_chunk(
     assert all(c.status in (200, 400) for c in calls)
     with ConversationStore(migrated_url) as again:
         with again.database.transaction() as session:
-            assert again._row(session, conv.id).compaction_failures == 0
+            assert again.records.row(session, conv.id).compaction_failures == 0
         assert _summaries(again, conv.id)[-1] == (1_200, "claude")
         assert [m.seq for m in again.get(conv.id).history()] == list(range(1, 1_202))
 
@@ -480,7 +480,7 @@ def test_the_summary_is_capped_and_never_crowds_out_the_conversation(
         summary = conv.summary()
         assert summary is not None
         cap = _compaction.summary_target(int(budget / factor)) * _compaction.SUMMARY_SLACK
-        tokens = store.count_text(summary_block(SummaryPart(summary, 1, 0))["text"])
+        tokens = store.turns.count_text(summary_block(SummaryPart(summary, 1, 0))["text"])
         assert tokens <= cap + 30  # the header
     for request in _chat_requests(fake_api):
         assert request.status == 200

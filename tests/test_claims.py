@@ -61,7 +61,7 @@ def test_a_long_call_keeps_its_claim_past_the_lease(
 
 def test_busy_says_when_the_claim_expires_and_how_to_clear_it(store: ConversationStore) -> None:
     conv = store.create()
-    store.claim_and_append(conv.id, store.make_turn("user", "a sender that died"))
+    store.records.claim_and_append(conv.id, store.turns.make_turn("user", "a sender that died"))
     with pytest.raises(ConversationBusy) as caught:
         conv.send("hello")
     message = str(caught.value)
@@ -79,7 +79,7 @@ def test_busy_says_when_the_claim_expires_and_how_to_clear_it(store: Conversatio
 
 def test_convo_unlock(store: ConversationStore) -> None:
     conv = store.create()
-    store.claim_and_append(conv.id, store.make_turn("user", "a sender that died"))
+    store.records.claim_and_append(conv.id, store.turns.make_turn("user", "a sender that died"))
     code, out, _ = _cli("unlock", conv.id, "--db", _url(store))
     assert (code, out.strip()) == (0, f"released the send claim on {conv.id}")
     code, out, _ = _cli("unlock", conv.id, "--db", _url(store))
@@ -105,7 +105,7 @@ def test_send_timeout_cuts_a_slow_stream_and_keeps_what_arrived(
         last = conv.history()[-1]
         assert (last.role, last.status) == ("assistant", "incomplete")
         assert last.text.startswith("slowly")
-        assert store.release(conv.id) is False
+        assert store.records.release(conv.id) is False
     for bad in (0, -1, float("nan"), float("inf")):
         with pytest.raises(InvalidInput, match="send_timeout"):
             ConversationStore(migrated_url, send_timeout=bad)
@@ -176,7 +176,7 @@ def test_convo_send_killed_by_sigterm_or_sighup_keeps_the_partial_reply(
         assert seen.startswith("once upon")
         assert history[1].text.startswith("once upon a time")
         assert len(history[1].text) < len("once upon a time " * 300)
-        assert store.release(conv_id) is False  # the claim was released on the way out
+        assert store.records.release(conv_id) is False  # the claim was released on the way out
 
 
 SENDER = textwrap.dedent(

@@ -86,7 +86,7 @@ def test_delete_the_call_takes_its_result(store: ConversationStore) -> None:
 
 def test_editing_waits_for_no_send(store: ConversationStore) -> None:
     conv = store.get(_tool_conversation(store))
-    store.claim_and_append(conv.id, store.make_turn("user", "in flight"))
+    store.records.claim_and_append(conv.id, store.turns.make_turn("user", "in flight"))
     with pytest.raises(ConversationBusy):
         conv.delete_turn(6)
     with pytest.raises(ConversationBusy):

@@ -150,8 +150,8 @@ def test_the_database_dying_between_reply_and_write_keeps_the_reply(
         assert "outbox" in str(error)
         (pending,) = store.pending_replies()
         assert pending.id == error.outbox_id
-        assert store.outbox.path.is_file()
-        assert "test-key" not in store.outbox.path.read_text()
+        assert store.records.outbox.path.is_file()
+        assert "test-key" not in store.records.outbox.path.read_text()
         fake_api.reply = summarizing_reply
         outage.revive()
         # `convo verify` reports it (and does not write it).
@@ -229,7 +229,7 @@ def test_a_reply_whose_write_committed_unacknowledged_is_not_replayed_twice(
         assert store.replay_outbox() == 0  # already there: not written again
         assert store.pending_replies() == []
         assert [m.role for m in conv.history()] == ["user", "assistant"]
-        assert store.release(conv.id) is False
+        assert store.records.release(conv.id) is False
 
 
 def test_convo_outbox_replay_and_list(
@@ -243,7 +243,7 @@ def test_convo_outbox_replay_and_list(
         ):
             conv.send("spool me")
         assert caught.value.reply.text == "echo: spool me"
-        assert store.release(conv.id) is False  # the database was up for the release
+        assert store.records.release(conv.id) is False  # the database was up for the release
     code, out, err = _cli("outbox", "list", "--db", migrated_url)
     assert code == 0
     assert conv.id in out

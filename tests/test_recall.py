@@ -156,7 +156,7 @@ def test_window_recalls_archived_turns_after_the_last_breakpoint(
         assert "greyhounds" in recall_block["text"]
         # Every breakpoint comes before it: the cached prefix does not include it.
         assert "cache_control" in blocks[-2]
-        assert window.recall_tokens == store.count_text(recall_block["text"])
+        assert window.recall_tokens == store.turns.count_text(recall_block["text"])
         assert 0 < window.recall_tokens <= window.budget * store.recall_share
         assert window.raw_tokens == (
             window.system_tokens

@@ -17,7 +17,7 @@ import pytest
 from convo import ConversationStore, InvalidInput
 from convo._budget import DEFAULT_FACTOR
 from convo._clearing import CLEARED_TOOL_RESULT
-from convo._store import Turn
+from convo._turns import Turn
 from convo._summarizer import SUMMARIZER_SYSTEM
 from convo._window import CONTINUED_USER_TEXT, MISSING_TOOL_RESULT, OMITTED_USER_TEXT
 from tests.conftest import summarizing_reply
@@ -234,7 +234,9 @@ def test_thinking_added_by_hand_is_sent_only_to_the_model_that_wrote_it(
             b["type"] != "thinking" for m in conv.context()["messages"] for b in m["content"]
         )
         conv.update(model="claude-sonnet-5-5")
-        store.append(conv.id, Turn("assistant", [thinking, {"type": "text", "text": "ok"}], 20))
+        store.records.append(
+            conv.id, Turn("assistant", [thinking, {"type": "text", "text": "ok"}], 20)
+        )
         conv.add("user", "Bye.")
         sent = conv.context()["messages"]
         assert [b["type"] for b in sent[-2]["content"]] == ["text"]

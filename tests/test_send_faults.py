@@ -92,7 +92,7 @@ def test_a_stream_that_ends_cleanly_before_message_stop_is_cut(
     assert report.total_input_tokens == reported_input
     assert report.cost_usd is not None
     assert report.cost_usd > 0
-    assert store.release(conv.id) is False  # the claim was released
+    assert store.records.release(conv.id) is False  # the claim was released
 
 
 def test_a_cut_stream_without_iterating_and_under_send(
@@ -211,7 +211,7 @@ def test_bad_send_parameters_write_and_send_nothing(
         pass
     assert conv.history() == []
     assert fake_api.requests == []
-    assert store.release(conv.id) is False  # no claim was taken either
+    assert store.records.release(conv.id) is False  # no claim was taken either
 
 
 @pytest.mark.parametrize(
@@ -269,7 +269,7 @@ def test_a_database_error_while_calibrating_does_not_fail_the_send(
     assert reply.text.startswith("echo: ")
     assert [m.role for m in conv.history()] == ["user", "assistant"]
     assert "calibration of" in caplog.text
-    assert store.release(conv.id) is False
+    assert store.records.release(conv.id) is False
 
 
 # --- idempotency keys ------------------------------------------------------------------------

@@ -306,8 +306,8 @@ def test_a_crashed_senders_claim_expires(
 ) -> None:
     with ConversationStore(migrated_url, client=api_client, send_lease=0.3) as store:
         conv = store.create()
-        turn = store.make_turn("user", "the sender dies after this")
-        store.claim_and_append(conv.id, turn)  # and never releases
+        turn = store.turns.make_turn("user", "the sender dies after this")
+        store.records.claim_and_append(conv.id, turn)  # and never releases
         with pytest.raises(ConversationBusy):
             conv.send("too soon")
         time.sleep(0.35)
