@@ -34,6 +34,8 @@ import anthropic
 from convo import AsyncConversationStore
 
 TICK = 0.005
+#: Sends of the uncontended run: one conversation, one send after another.
+SOLO_TURNS = 30
 
 
 def _serve(latency: float, urls: Any, stop: Any) -> None:
@@ -162,6 +164,14 @@ def _row(label: str, result: dict[str, Any], total: int) -> list[str]:
     ]
 
 
+NOTES = """How to read it: at 100 conversations sending back to back against a 200 ms API,
+the demand is 500 sends/s. One process runs convo's send path (the window, counting,
+SQLAlchemy, the SDK) at the rate in the sends/s column, one core's worth; beyond it, sends
+queue, and the queueing is most of the overhead shown. The uncontended rows are convo's own
+cost per send. The bare SDK's loop lag (100 responses parsed at once) is the loop lag of the
+SDK itself; convo's async store adds none on SQLite (aiosqlite works in its own threads)."""
+
+
 def main() -> None:
     p = c.parser(__doc__.splitlines()[0])
     p.add_argument("--conversations", type=int, default=100)
@@ -189,6 +199,9 @@ def main() -> None:
                     _convo_run(url, base_url, args.conversations, args.turns, args.pool_size)
                 )
             rows.append(_row(f"convo, {kind}", result, total))
+            with c.fresh_database(kind, postgres) as url:
+                alone = asyncio.run(_convo_run(url, base_url, 1, SOLO_TURNS, args.pool_size))
+            rows.append(_row(f"convo, {kind}, one send at a time", alone, SOLO_TURNS))
     finally:
         stop.set()
         server.join(timeout=30)
@@ -205,7 +218,9 @@ def main() -> None:
     body = (
         f"{args.conversations} conversations x {args.turns} sends at once in one process, "
         f"{args.latency * 1000:.0f} ms per API call (fake API in its own process), "
-        f"pool_size={args.pool_size}, default options (recall on).\n\n" + c.table(headers, rows)
+        f'pool_size={args.pool_size}, default options (recall on). The rows "one send at a '
+        f"time\" send {SOLO_TURNS} turns on one conversation, nothing else running: convo's "
+        "own cost per send, without queueing.\n\n" + c.table(headers, rows) + "\n\n" + NOTES
     )
     print(body)
     if args.record:

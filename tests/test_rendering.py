@@ -17,8 +17,8 @@ import pytest
 from convo import ConversationStore, InvalidInput
 from convo._budget import DEFAULT_FACTOR
 from convo._clearing import CLEARED_TOOL_RESULT
-from convo._turns import Turn
 from convo._summarizer import SUMMARIZER_SYSTEM
+from convo._turns import Turn
 from convo._window import CONTINUED_USER_TEXT, MISSING_TOOL_RESULT, OMITTED_USER_TEXT
 from tests.conftest import summarizing_reply
 from tests.fakeapi import FakeMessagesAPI, Reply
