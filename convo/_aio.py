@@ -277,6 +277,9 @@ class AsyncConversation:
         updated_at: datetime
         message_count: int
         archived_through_seq: int
+        window_start_seq: int
+        compaction_failures: int
+        compaction_retry_at: datetime | None
         effective_model: str
 
     async def refresh(self) -> AsyncConversation:

@@ -89,6 +89,11 @@ class Conversation:
         self.updated_at: datetime = row.updated_at
         self.message_count: int = row.last_seq
         self.archived_through_seq: int = row.archived_through_seq
+        #: Compaction state: where requests start (sticky between compactions), and
+        #: the summarizer's failures in a row and when it is tried next (backoff).
+        self.window_start_seq: int = row.window_start_seq
+        self.compaction_failures: int = row.compaction_failures
+        self.compaction_retry_at: datetime | None = row.compaction_retry_at
 
     def __repr__(self) -> str:
         return f"<Conversation {self.id} messages={self.message_count} title={self.title!r}>"

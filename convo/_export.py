@@ -100,6 +100,11 @@ def conversation_record(conv: Conversation) -> dict[str, Any]:
         "token_budget": conv.token_budget,
         "metadata": conv.metadata,
         "archived_through_seq": conv.archived_through_seq,
+        "window_start_seq": conv.window_start_seq,
+        "compaction_failures": conv.compaction_failures,
+        "compaction_retry_at": (
+            conv.compaction_retry_at.isoformat() if conv.compaction_retry_at else None
+        ),
         "created_at": conv.created_at.isoformat(),
         "updated_at": conv.updated_at.isoformat(),
     }
@@ -752,11 +757,24 @@ class _Importer:
                     for name in ("user_id", "title", "model", "system", "token_budget", "metadata")
                 }
             )
+            # Compaction state (absent from exports before it existed: none then).
+            window_start = _check_count(where, "window_start_seq", record.get("window_start_seq"))
+            if window_start is not None and window_start > len(item.messages) + 1:
+                raise InvalidInput(
+                    where, f"window_start_seq {window_start} is past the turn after the last"
+                )
+            failures = _check_count(where, "compaction_failures", record.get("compaction_failures"))
+            retry = record.get("compaction_retry_at")
             return ConversationRow(
                 id=conversation_id,
                 **columns,
                 last_seq=len(item.messages),
                 archived_through_seq=archived,
+                window_start_seq=window_start or 0,
+                compaction_failures=failures or 0,
+                compaction_retry_at=(
+                    None if retry is None else _parse_time(retry, where, "compaction_retry_at")
+                ),
                 created_at=_parse_time(record.get("created_at") or now, where, "created_at"),
                 updated_at=_parse_time(
                     record.get("updated_at") or record.get("created_at") or now,

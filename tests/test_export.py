@@ -601,3 +601,42 @@ def test_llm_logs_json_import(migrated_url: str) -> None:
         assert import_history(store, io.StringIO(lines), on_conflict="new-id") == (2, 0, 6)
         with pytest.raises(InvalidInput, match="record 2: has no conversation_id"):
             import_history(store, io.StringIO(json.dumps([LLM_LOGS[0], {"prompt": "hi"}])))
+
+
+def test_the_compaction_state_round_trips(migrated_url: str, tmp_path: Path) -> None:
+    """Issue 9: where requests start and the summarizer's backoff travel with the export."""
+    from convo._compaction import Backoff
+    from convo._models import utcnow
+
+    retry_at = utcnow().replace(microsecond=0)
+    with ConversationStore(migrated_url, summarizer=_PaidSummarizer()) as store:
+        conv_id = _compacted(store)
+        store.records.set_compaction_state(
+            conv_id, window_start_seq=17, backoff=Backoff(failures=2, retry_at=retry_at)
+        )
+        first = _export(store)
+    (record,) = [r for r in _lines(first) if r["record"] == "conversation"]
+    assert (record["window_start_seq"], record["compaction_failures"]) == (17, 2)
+    target = _empty_again(migrated_url, tmp_path)
+    with ConversationStore(target, summarizer=_PaidSummarizer()) as store:
+        assert import_history(store, io.StringIO(first)) == (1, 0, 20)
+        after = store.get(conv_id)
+        assert after.window_start_seq == 17
+        assert after.compaction_failures == 2
+        assert after.compaction_retry_at == retry_at
+        assert _export(store) == first
+        # An export from before these fields existed imports with no state at all.
+        old = _lines(first)
+        for key in ("window_start_seq", "compaction_failures", "compaction_retry_at"):
+            del old[0][key]
+        store.delete(conv_id)
+        assert import_history(store, io.StringIO(_dump(old))) == (1, 0, 20)
+        again = store.get(conv_id)
+        assert (again.window_start_seq, again.compaction_failures) == (0, 0)
+        assert again.compaction_retry_at is None
+        # A start past the turn after the last is refused, naming the line.
+        store.delete(conv_id)
+        bad = _lines(first)
+        bad[0]["window_start_seq"] = 99
+        with pytest.raises(InvalidInput, match=r"line 1.*window_start_seq 99"):
+            import_history(store, io.StringIO(_dump(bad)))
