@@ -26,7 +26,7 @@ from ._bridge import AwaitingClient, awaiting_summarizer, cleanup, run
 from ._conversation import Conversation
 from ._heartbeat import Heartbeat
 from ._ratelimit import AsyncRateLimiter
-from ._store import ConversationStore
+from ._store import DEFAULT_LIST_LIMIT, ConversationStore
 from .errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -101,6 +101,23 @@ def _awaited(
     async def awaited(self: Any, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         target = await self._target()
         return await run(method, target, *args, **kwargs)
+
+    awaited.__name__ = method.__name__
+    awaited.__qualname__ = method.__qualname__
+    awaited.__doc__ = method.__doc__
+    return awaited
+
+
+def _awaited_conversation(
+    method: Callable[Concatenate[Any, _P], Conversation],
+) -> Callable[Concatenate[AsyncConversationStore, _P], Coroutine[Any, Any, AsyncConversation]]:
+    """An async store method running the sync ``method``; its conversation, async."""
+
+    async def awaited(
+        self: AsyncConversationStore, /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> AsyncConversation:
+        core = await self._target()
+        return self._wrap(await run(method, core, *args, **kwargs))
 
     awaited.__name__ = method.__name__
     awaited.__qualname__ = method.__qualname__
@@ -191,20 +208,9 @@ class AsyncConversationStore:
     def _wrap(self, conversation: Conversation) -> AsyncConversation:
         return AsyncConversation(self, conversation)
 
-    async def create(self, **attributes: Any) -> AsyncConversation:
-        """Start a conversation (see :meth:`ConversationStore.create`)."""
-        core = await self._target()
-        return self._wrap(await run(core.create, **attributes))
-
-    async def get(self, conversation_id: str) -> AsyncConversation:
-        """The conversation with this id; :class:`ConversationNotFound` if there is none."""
-        core = await self._target()
-        return self._wrap(await run(core.get, conversation_id))
-
-    async def find(self, reference: str) -> AsyncConversation:
-        """The conversation whose id is ``reference`` or starts with it."""
-        core = await self._target()
-        return self._wrap(await run(core.find, reference))
+    create = _awaited_conversation(ConversationStore.create)
+    get = _awaited_conversation(ConversationStore.get)
+    find = _awaited_conversation(ConversationStore.find)
 
     async def latest(self, *, user_id: str | None = None) -> AsyncConversation | None:
         """The conversation with the most recent activity, if any."""
@@ -212,10 +218,17 @@ class AsyncConversationStore:
         found = await run(core.latest, user_id=user_id)
         return None if found is None else self._wrap(found)
 
-    async def list(self, **filters: Any) -> builtins.list[AsyncConversation]:
+    async def list(
+        self,
+        *,
+        user_id: str | None = None,
+        limit: int = DEFAULT_LIST_LIMIT,
+        before: str | None = None,
+    ) -> builtins.list[AsyncConversation]:
         """Conversations, newest first (see :meth:`ConversationStore.list`)."""
         core = await self._target()
-        return [self._wrap(c) for c in await run(core.list, **filters)]
+        found = await run(core.list, user_id=user_id, limit=limit, before=before)
+        return [self._wrap(c) for c in found]
 
     async def iter_conversations(
         self, *, user_id: str | None = None, since: datetime | None = None
