@@ -1,10 +1,10 @@
-"""Files as content blocks: images, and text files as documents.
+"""Files as content blocks: images, PDFs and text files.
 
 ``file_block(path)`` reads a file and returns the Messages API block for it:
-an ``image`` block (JPEG, PNG, GIF, WebP; base64) or a ``document`` block with
-a plain-text source (any UTF-8 text file, titled with its name). PDFs are not
-taken yet: convo cannot count their tokens without the API, and a request
-must never pass its budget.
+an ``image`` block (JPEG, PNG, GIF, WebP; base64), a ``document`` block with
+a base64 PDF source, or a ``document`` block with a plain-text source (any
+UTF-8 text file). Documents are titled with the file's name. A PDF is
+estimated from its page count, as every PDF block is (``_tokens``).
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from typing import Final
 from ._content import Block
 from .errors import InvalidInput
 
-__all__ = ["MAX_IMAGE_BYTES", "file_block"]
+__all__ = ["MAX_IMAGE_BYTES", "MAX_PDF_BYTES", "file_block"]
 
 #: The API's limit for one image.
 MAX_IMAGE_BYTES: Final = 5 * 1024 * 1024
+#: The API's limit for a whole request, and so for one PDF in it.
+MAX_PDF_BYTES: Final = 32 * 1024 * 1024
 
 _IMAGE_SIGNATURES: Final = (
     (b"\xff\xd8\xff", "image/jpeg"),
@@ -57,15 +59,24 @@ def file_block(path: str | Path) -> Block:
             "source": {"type": "base64", "media_type": media_type, "data": encoded},
         }
     if data.startswith(b"%PDF-"):
-        raise InvalidInput(
-            "file",
-            f"{file} is a PDF; convo takes images and text files (PDFs are not supported yet)",
-        )
+        if len(data) > MAX_PDF_BYTES:
+            raise InvalidInput(
+                "file", f"{file} is {len(data):,} bytes; a PDF may have at most 32 MB"
+            )
+        return {
+            "type": "document",
+            "source": {
+                "type": "base64",
+                "media_type": "application/pdf",
+                "data": base64.b64encode(data).decode("ascii"),
+            },
+            "title": file.name,
+        }
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise InvalidInput(
-            "file", f"{file} is neither an image (JPEG, PNG, GIF, WebP) nor UTF-8 text"
+            "file", f"{file} is neither an image (JPEG, PNG, GIF, WebP), a PDF nor UTF-8 text"
         ) from None
     if not text.strip():
         raise InvalidInput("file", f"{file} is empty")

@@ -708,7 +708,7 @@ def new(
     multiple=True,
     type=click.Path(dir_okay=False),
     metavar="PATH",
-    help="Attach an image (JPEG, PNG, GIF, WebP) or a text file; repeat for more.",
+    help="Attach an image (JPEG, PNG, GIF, WebP), a PDF or a text file; repeat for more.",
 )
 @click.option(
     "--max-tokens",

@@ -21,6 +21,7 @@ from convo._database import ENV_DATABASE_URL as LIBRARY_ENV_DATABASE_URL
 from convo._docs import _walk
 from convo._models import ConversationRow, utcnow
 from convo._repl import clean_input, read_message
+from tests import media
 from tests.fakeapi import FakeMessagesAPI
 from tests.test_cli_commands import api_env, run
 
@@ -358,12 +359,20 @@ def test_send_attaches_images_and_text_files(
     assert content[1]["title"] == "notes.md"
     # A file alone is a message too; bad files are refused before anything is stored.
     assert run("send", conv_id, "--file", str(notes), *db, env=api_env)[0] == 0
-    pdf, blob = tmp_path / "a.pdf", tmp_path / "a.bin"
-    pdf.write_bytes(b"%PDF-1.7\n")
+    pdf = tmp_path / "report.pdf"
+    pdf.write_bytes(media.pdf(2, "Quarterly figures"))
+    assert run("send", conv_id, "sum it up", "--file", str(pdf), *db, env=api_env)[0] == 0
+    document = fake_api.requests[-1].body["messages"][-1]["content"][0]
+    assert document["type"] == "document"
+    assert document["title"] == "report.pdf"
+    assert document["source"]["media_type"] == "application/pdf"
+    assert base64.b64decode(document["source"]["data"]) == pdf.read_bytes()
+    huge, blob = tmp_path / "huge.pdf", tmp_path / "a.bin"
+    huge.write_bytes(b"%PDF-1.7\n" + b"0" * (32 * 1024 * 1024))
     blob.write_bytes(b"\xff\xfe\x00\x81" * 10)
     missing = tmp_path / "missing.txt"
-    cases = ((pdf, "is a PDF"), (blob, "neither an image"), (missing, "cannot read"))
+    cases = ((huge, "at most 32 MB"), (blob, "neither an image"), (missing, "cannot read"))
     for path, reason in cases:
         code, _, err = run("send", conv_id, "x", "--file", str(path), *db, env=api_env)
         assert (code, err.startswith("Error: file: "), reason in err) == (1, True, True), err
-    assert json.loads(run("show", conv_id, "--json", *db)[1])["conversation"]["messages"] == 4
+    assert json.loads(run("show", conv_id, "--json", *db)[1])["conversation"]["messages"] == 6
