@@ -390,7 +390,7 @@ class Conversation:
                 )
                 continue
             if hits is None:
-                hits = self._recall_hits(recall, window)
+                hits = self._recall_hits(recall, window, row)
             window = _recall.fill(
                 window,
                 recall,
@@ -456,13 +456,19 @@ class Conversation:
         )
 
     def _recall_hits(
-        self, recall: _recall.RecallQuery | None, window: ContextWindow
+        self, recall: _recall.RecallQuery | None, window: ContextWindow, row: ConversationRow
     ) -> list[_recall.RecallHit]:
-        """The lookup's hits; a failure is logged and the request goes without recall."""
+        """The lookup's hits (remembered for this state of the conversation); a failure is
+        logged and the request goes without recall."""
         if recall is None:
             return []
+        query = recall.outside(window)
+        key = (query, row.last_seq, row.archived_through_seq, row.updated_at)
+        cached = self.store.recall_hits.get(key)
+        if cached is not None:
+            return cached
         try:
-            return self.store.records.recall_for(recall.outside(window), _recall.REQUEST_K)
+            hits = self.store.records.recall_for(query, _recall.REQUEST_K)
         except Exception as exc:  # recall is a help: it must never fail a send
             logger.warning(
                 "conversation %s: recall failed, the request goes without it: %s",
@@ -471,6 +477,8 @@ class Conversation:
                 extra={"conversation_id": self.id},
             )
             return []
+        self.store.recall_hits.put(key, hits)
+        return hits
 
     def recall(self, query: str, k: int = _recall.DEFAULT_K) -> list[_recall.RecallHit]:
         """The ``k`` turns of this conversation most relevant to ``query``, best first.

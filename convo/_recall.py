@@ -16,8 +16,12 @@ message, *after* its cache breakpoint: the cached prefix never changes.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -143,8 +147,12 @@ def rarest_terms(terms: Sequence[str], matches: Sequence[int]) -> list[str]:
     return [term for index, term in enumerate(terms) if index in kept]
 
 
+@functools.lru_cache(maxsize=65_536)
 def light_stem(word: str) -> str:
-    """A crude English stem: the common suffixes cut (``trams``, ``tram`` -> ``tram``)."""
+    """A crude English stem: the common suffixes cut (``trams``, ``tram`` -> ``tram``).
+
+    Remembered: the hits of every request are stemmed word by word, and words repeat.
+    """
     for suffix in _SUFFIXES:
         if word.endswith(suffix) and len(word) - len(suffix) >= 3:
             word = word[: -len(suffix)]
@@ -380,3 +388,50 @@ def fill(
         recalled=tuple(chosen),
         recall_tokens=tokens,
     )
+
+
+#: Lookups a store remembers, and for how long (the other conversations of a
+#: user may change meanwhile: a user-scope hit list is at most this old).
+HIT_CACHE_SIZE: Final = 256
+HIT_CACHE_SECONDS: Final = 60.0
+
+
+class HitCache:
+    """The hits of recent lookups, so a window built again for the same turn asks again for
+    nothing (``window()`` then ``send()``, ``context()``, ``convo show --context``).
+
+    The key is the lookup and the conversation's state (last turn, archive
+    point, last change): any append, edit or compaction makes a new key. An
+    entry lives ``HIT_CACHE_SECONDS``; the oldest go past ``HIT_CACHE_SIZE``.
+    Safe across threads.
+    """
+
+    def __init__(
+        self,
+        size: int = HIT_CACHE_SIZE,
+        seconds: float = HIT_CACHE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._size = size
+        self._seconds = seconds
+        self._clock = clock
+        self._entries: OrderedDict[Any, tuple[float, list[RecallHit]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> list[RecallHit] | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            if self._clock() - entry[0] > self._seconds:
+                del self._entries[key]
+                return None
+            self._entries.move_to_end(key)
+            return list(entry[1])
+
+    def put(self, key: Any, hits: Sequence[RecallHit]) -> None:
+        with self._lock:
+            self._entries[key] = (self._clock(), list(hits))
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)

@@ -45,6 +45,7 @@ from ._recall import (
     DEFAULT_RECALL,
     DEFAULT_SHARE,
     SCOPES,
+    HitCache,
     RecallHit,
     query_terms,
 )
@@ -219,6 +220,8 @@ class ConversationStore:
             raise InvalidInput(
                 "recall_share", f"must be above 0 and at most 0.5, not {recall_share!r}"
             )
+        #: The hits of recent request lookups (see ``_recall.HitCache``).
+        self.recall_hits = HitCache()
         self.recall_enabled = bool(recall)
         self.recall_scope = recall_scope
         self.recall_share = recall_share
