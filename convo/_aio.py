@@ -331,7 +331,7 @@ class AsyncConversation:
         return AsyncConversationStream(lambda: self._sync.stream(content, key=key, **params))
 
     def regenerate_stream(self, **params: Any) -> AsyncConversationStream:
-        """Take back the last reply and stream a new one."""
+        """Regenerate the last reply (see ``Conversation.regenerate``), streaming the new one."""
         return AsyncConversationStream(lambda: self._sync.regenerate_stream(**params))
 
 

@@ -874,7 +874,10 @@ def delete_turn(conversation_id: str, seq: int, yes: bool, db_url: str | None) -
 def regenerate(
     conversation_id: str | None, continue_latest: bool, max_tokens: int, db_url: str | None
 ) -> None:
-    """Replace the last reply: delete it and send the turn it answered again.
+    """Replace the last reply: send the turn it answered again.
+
+    The old reply is deleted only once the new one is stored: if the call
+    fails, nothing changes.
 
     \b
     Example:

@@ -21,7 +21,7 @@ from ._budget import (
 from ._editing import check_edit, deletion_span, regeneration_span
 from ._message import Message
 from ._models import ConversationRow
-from ._records import Compaction, LiveState
+from ._records import Compaction, LiveState, check_free
 from ._sending import ConversationStream, check_request_params
 from ._sending import send as send_turn
 from ._store import ConversationStore
@@ -235,24 +235,25 @@ class Conversation:
         return list(span)
 
     def regenerate(self, /, **params: Any) -> Message:
-        """Take back the last reply and send the user turn it answered again.
+        """Send the user turn the last reply answered again; the new reply replaces it.
 
-        The old reply (and any assistant turns after that user turn) is deleted
-        first; the user turn is stored again and sent as by :meth:`send`.
+        The request is the one that turn's send made, without the old reply
+        (and any assistant turns after that user turn). Those stay stored until
+        the new reply is: they give way to it in the same commit. If the call
+        fails, nothing changes; a reply that breaks off is kept as an
+        ``excluded`` turn after the old one, which stays the answer.
         """
-        return self.send(self._take_back_last_exchange(), **params)
+        return send_turn(self, None, params, retake=self._retake())
 
     def regenerate_stream(self, **params: Any) -> ConversationStream:
         """:meth:`regenerate`, streaming the new reply like :meth:`stream`."""
-        return self.stream(self._take_back_last_exchange(), **params)
+        return ConversationStream(self, None, params, retake=self._retake())
 
-    def _take_back_last_exchange(self) -> list[Any]:
+    def _retake(self) -> range:
+        """The last user turn and the replies after it, which a regeneration retakes."""
         state = self.store.records.live_state(self.id)
-        span = regeneration_span(state.turns, state.row.archived_through_seq)
-        self.store.client  # noqa: B018 - MissingAPIKey before anything is deleted
-        content = next(t.content for t in state.turns if t.seq == span[0])
-        self._load(self.store.records.delete_turns(self.id, span))
-        return content
+        check_free(state.row)  # a send in flight: busy, whatever its last turn is now
+        return regeneration_span(state.turns, state.row.archived_through_seq)
 
     def update(
         self,
@@ -305,6 +306,13 @@ class Conversation:
         parameters (``max_tokens``, ``tools``, ...), which count against the
         budget.
         """
+        return self._window(params, compact=compact)
+
+    def _window(
+        self, params: dict[str, Any], *, compact: bool = True, leaving_out: range | None = None
+    ) -> ContextWindow:
+        """:meth:`window`; ``leaving_out``: live turns the request goes without (the
+        replies a regeneration replaces)."""
         max_tokens = check_request_params(params)
         model = self.effective_model
         budget = self.budget(max_tokens=max_tokens)
@@ -317,21 +325,25 @@ class Conversation:
         automatic = params.get("cache_control")
         notes: list[str] = []
         factor = calibration.effective_factor
-        row, summary, plan = self._plan(budget, factor, extra_tokens)
+
+        def plan_for(extra: int) -> tuple[ConversationRow, SummaryPart | None, _Plan]:
+            return self._plan(budget, factor, extra, leaving_out=leaving_out)
+
+        row, summary, plan = plan_for(extra_tokens)
         reserved = self._recall_reserve(row, plan, budget, factor)
         if reserved:
-            row, summary, plan = self._plan(budget, factor, extra_tokens + reserved)
+            row, summary, plan = plan_for(extra_tokens + reserved)
         if compact and plan.start_seq > row.archived_through_seq + 1:
             done, note = self._compact_chunk(row, summary, plan.start_seq, plan.budget_raw)
             if note:
                 notes.append(note)
             if done is not None:
                 notes.append(f"compacted turns {done.first_seq}-{done.last_seq}")
-                row, summary, plan = self._plan(budget, factor, extra_tokens + reserved)
+                row, summary, plan = plan_for(extra_tokens + reserved)
                 again = self._recall_reserve(row, plan, budget, factor)
                 if again != reserved:
                     reserved = again
-                    row, summary, plan = self._plan(budget, factor, extra_tokens + reserved)
+                    row, summary, plan = plan_for(extra_tokens + reserved)
         if compact and plan.start_seq > max(row.window_start_seq, row.archived_through_seq + 1):
             self.store.records.set_compaction_state(self.id, window_start_seq=plan.start_seq)
         backlog = range(row.archived_through_seq + 1, plan.start_seq)
@@ -496,12 +508,19 @@ class Conversation:
         return int(counted.input_tokens)
 
     def _plan(
-        self, budget: int, factor: float, extra_tokens: int, *, force: bool = False
+        self,
+        budget: int,
+        factor: float,
+        extra_tokens: int,
+        *,
+        force: bool = False,
+        leaving_out: range | None = None,
     ) -> tuple[ConversationRow, SummaryPart | None, _Plan]:
         """The conversation, its summary, and where the request starts with its turns.
 
         One read: the newest live turns, newest first, only as many as can be
-        sent (with ``force``: back to the newest exchange's start).
+        sent (with ``force``: back to the newest exchange's start), less those
+        in ``leaving_out``.
         """
         limits: dict[str, int] = {}
 
@@ -520,6 +539,8 @@ class Conversation:
 
         row, summary, tail, reached = self.store.records.live_window(self.id, reader)
         self._load(row)
+        if leaving_out:
+            tail = [turn for turn in tail if turn.seq not in leaving_out]
         if force:
             index = _compaction.newest_exchange(tail)
         else:
@@ -748,9 +769,15 @@ class Conversation:
         return self._store_reply(_with_writer(turn, requested), window)
 
     def _store_reply(
-        self, turn: Turn, window: ContextWindow | None, *, release: str | None = None
+        self,
+        turn: Turn,
+        window: ContextWindow | None,
+        *,
+        release: str | None = None,
+        replacing: range | None = None,
     ) -> Message:
-        """Append an assistant turn (ending claim ``release``); a complete reply calibrates.
+        """Append an assistant turn (ending claim ``release``, in place of the last
+        turns ``replacing``); a complete reply calibrates.
 
         Calibration never fails the call: the reply is stored by then, and a
         database error while calibrating (a deadlock between first sends to a
@@ -758,7 +785,9 @@ class Conversation:
         settled factor is not written: every send on a model would otherwise
         write that model's one row, which all conversations share.
         """
-        message, row = self.store.records.append(self.id, turn, release=release)
+        message, row = self.store.records.append(
+            self.id, turn, release=release, replacing=replacing
+        )
         self._load(row)
         if window is not None and window.calibrates and turn.status == "complete" and turn.usage:
             actual = reported_input_tokens(turn.usage)

@@ -76,6 +76,13 @@ __all__ = ["Compaction", "LiveState", "Records"]
 
 logger = logging.getLogger("convo")
 
+
+def check_free(conversation: ConversationRow) -> None:
+    """Raise :class:`ConversationBusy` while a send's claim holds the conversation."""
+    if conversation.busy_until is not None and conversation.busy_until > utcnow():
+        raise ConversationBusy(conversation.id, conversation.busy_until)
+
+
 #: Rows fetched per round trip when reading a long history.
 HISTORY_BATCH = 1_000
 
@@ -313,25 +320,30 @@ class Records:
         """Delete live turns ``seqs`` and renumber the later ones, so seqs stay gap-free."""
         with self._db.transaction(write=True) as session:
             conversation = self._editable(session, conversation_id, seqs)
-            for table in (SearchTextRow, MessageRow):
-                where = (table.conversation_id == conversation_id,)
-                session.execute(delete(table).where(*where, table.seq.between(seqs[0], seqs[-1])))
-                # Two steps through negative numbers: a unique (conversation, seq)
-                # must hold after every row on every backend.
-                later = (*where, table.seq > seqs[-1])
-                session.execute(update(table).where(*later).values(seq=-table.seq))
-                session.execute(
-                    update(table).where(*where, table.seq < 0).values(seq=-table.seq - len(seqs))
-                )
-            conversation.last_seq -= len(seqs)
-            conversation.updated_at = utcnow()
+            self._delete_locked(session, conversation, seqs)
             return conversation
+
+    def _delete_locked(self, session: Session, conversation: ConversationRow, seqs: range) -> None:
+        """Delete turns ``seqs`` of a locked conversation; later turns move down."""
+        for table in (SearchTextRow, MessageRow):
+            where = (table.conversation_id == conversation.id,)
+            session.execute(delete(table).where(*where, table.seq.between(seqs[0], seqs[-1])))
+            if seqs[-1] == conversation.last_seq:
+                continue  # nothing after them to renumber
+            # Two steps through negative numbers: a unique (conversation, seq)
+            # must hold after every row on every backend.
+            later = (*where, table.seq > seqs[-1])
+            session.execute(update(table).where(*later).values(seq=-table.seq))
+            session.execute(
+                update(table).where(*where, table.seq < 0).values(seq=-table.seq - len(seqs))
+            )
+        conversation.last_seq -= len(seqs)
+        conversation.updated_at = utcnow()
 
     def _editable(self, session: Session, conversation_id: str, seqs: range) -> ConversationRow:
         """The locked row of a conversation whose turns ``seqs`` may change now."""
         conversation = self.row(session, conversation_id, lock=True)
-        if conversation.busy_until is not None and conversation.busy_until > utcnow():
-            raise ConversationBusy(conversation_id, conversation.busy_until)
+        check_free(conversation)
         if seqs[0] <= conversation.archived_through_seq or seqs[-1] > conversation.last_seq:
             raise InvalidInput(
                 "seq", f"turns {seqs[0]}-{seqs[-1]} are not all live turns of {conversation_id}"
@@ -339,14 +351,21 @@ class Records:
         return conversation
 
     def append(
-        self, conversation_id: str, turn: Turn, *, release: str | None = None
+        self,
+        conversation_id: str,
+        turn: Turn,
+        *,
+        release: str | None = None,
+        replacing: range | None = None,
     ) -> tuple[Message, ConversationRow]:
         """Append ``turn`` as the conversation's next seq, atomically.
 
         A turn with an idempotency key that is already stored is not written
         again: the stored one is returned. ``release``: the owner of a send's
         claim, cleared in the same transaction (a send's reply and the end of
-        its claim are one commit).
+        its claim are one commit). ``replacing``: the last turns, which the new
+        one replaces in the same commit (a regenerated reply); if other turns
+        were added after them meanwhile, they are kept and the turn goes last.
         """
         if self.auto_replay:
             self.replay_outbox(quiet=True)
@@ -358,6 +377,18 @@ class Records:
             existing = self._keyed(session, conversation_id, turn.key)
             if existing is not None:
                 return existing, conversation
+            if replacing:
+                if replacing[-1] == conversation.last_seq:
+                    self._delete_locked(session, conversation, replacing)
+                else:
+                    logger.warning(
+                        "conversation %s: turns were added during the regeneration; the "
+                        "replies %d-%d it replaces are kept, and the new reply goes last",
+                        conversation_id,
+                        replacing[0],
+                        replacing[-1],
+                        extra={"conversation_id": conversation_id},
+                    )
             return self._append_locked(session, conversation, turn)
 
     def _keyed(self, session: Session, conversation_id: str, key: str | None) -> Message | None:
@@ -391,17 +422,13 @@ class Records:
             self.replay_outbox(quiet=True)
         with self._db.transaction(write=True) as session:
             conversation = self.row(session, conversation_id, lock=True)
-            now = utcnow()
-            if conversation.busy_until is not None and conversation.busy_until > now:
-                raise ConversationBusy(conversation_id, conversation.busy_until)
+            check_free(conversation)
             existing = self._keyed(session, conversation_id, turn.key)
             if existing is not None and turn.key is not None:
                 reply = self._keyed(session, conversation_id, reply_key(turn.key))
                 if reply is not None:
                     raise AlreadyAnswered(reply)
-            owner = secrets.token_hex(8)
-            conversation.busy_until = now + timedelta(seconds=self.send_lease)
-            conversation.busy_owner = owner
+            owner = self._claim_locked(conversation)
             if existing is not None:
                 if existing.status == "failed":  # sent again now: no longer a failed turn
                     session.execute(
@@ -416,6 +443,33 @@ class Records:
                 return existing, conversation, owner
             message, row = self._append_locked(session, conversation, turn)
             return message, row, owner
+
+    def claim(self, conversation_id: str, *, last_seq: int) -> tuple[ConversationRow, str]:
+        """Claim the conversation for a send of a turn already stored (a regeneration).
+
+        Raises :class:`ConversationBusy` while another send's claim holds, and
+        :class:`InvalidInput` if the conversation no longer ends at ``last_seq``
+        (it changed since the caller read it). Returns the row and the owner.
+        """
+        if self.auto_replay:
+            self.replay_outbox(quiet=True)
+        with self._db.transaction(write=True) as session:
+            conversation = self.row(session, conversation_id, lock=True)
+            check_free(conversation)
+            if conversation.last_seq != last_seq:
+                raise InvalidInput(
+                    "conversation",
+                    f"{conversation_id} changed (it now ends at turn {conversation.last_seq}, "
+                    f"not {last_seq}); nothing was sent, try again",
+                )
+            return conversation, self._claim_locked(conversation)
+
+    def _claim_locked(self, conversation: ConversationRow) -> str:
+        """Claim a locked conversation for one send; the claim's owner token."""
+        owner = secrets.token_hex(8)
+        conversation.busy_until = utcnow() + timedelta(seconds=self.send_lease)
+        conversation.busy_owner = owner
+        return owner
 
     def renew(self, conversation_id: str, owner: str) -> bool:
         """Extend a live send's claim by one lease; False if it is no longer the owner's."""

@@ -209,23 +209,37 @@ class Sending:
     """
 
     def __init__(
-        self, conv: Conversation, content: Any, params: dict[str, Any], key: str | None
+        self,
+        conv: Conversation,
+        content: Any,
+        params: dict[str, Any],
+        key: str | None,
+        *,
+        retake: range | None = None,
     ) -> None:
         self.conv = conv
         self.store = conv.store
         max_tokens = check_request_params(params)
         self.key = check_key(key)
         self.client = self.store.client  # MissingAPIKey before anything is written
-        turn = self.store.turns.make_turn("user", content, key=self.key)
-        conv._check_fits(turn, max_tokens=max_tokens)
         self.answered: Message | None = None
         self.settled = False
-        try:
-            self.user_message, row, self.owner = self.store.records.claim_and_append(conv.id, turn)
-        except AlreadyAnswered as done:
-            self.answered = done.message
-            self.settled = True
-            return
+        #: A regeneration: the stored user turn sent again, then the replies that
+        #: answered it, which the new reply replaces (they stay until it is stored).
+        self.retake = retake
+        if retake is not None:
+            row, self.owner = self.store.records.claim(conv.id, last_seq=retake[-1])
+            self.user_seq = retake[0]
+        else:
+            turn = self.store.turns.make_turn("user", content, key=self.key)
+            conv._check_fits(turn, max_tokens=max_tokens)
+            try:
+                user_message, row, self.owner = self.store.records.claim_and_append(conv.id, turn)
+            except AlreadyAnswered as done:
+                self.answered = done.message
+                self.settled = True
+                return
+            self.user_seq = user_message.seq
         conv._load(row)
         timeout = self.store.send_timeout
         self.deadline = time.monotonic() + timeout if timeout is not None else None
@@ -237,7 +251,7 @@ class Sending:
             name=f"conversation {conv.id}",
         )
         try:
-            self.window = conv.window(**params)
+            self.window = conv._window(params, leaving_out=retake[1:] if retake else None)
             self.request = self.store.turns.outbound(self.window.params)
         except BaseException:
             self.fail()
@@ -252,6 +266,7 @@ class Sending:
     def fail(self) -> None:
         """The call did not produce a reply: mark the user turn, release the claim.
 
+        A regeneration changes nothing: its user turn keeps the replies it had.
         If the database fails too, the caller still gets the original error
         (an API error stays an API error); the claim then lapses with its lease.
         """
@@ -259,15 +274,14 @@ class Sending:
         self.heartbeat.stop()
         model = self.window.params["model"] if hasattr(self, "window") else None
         try:
-            self.store.records.set_status(
-                self.conv.id, self.user_message.seq, "failed", model=model
-            )
+            if self.retake is None:
+                self.store.records.set_status(self.conv.id, self.user_seq, "failed", model=model)
             self.store.records.release(self.conv.id, self.owner)
         except _DB_FAILURES as exc:
             logger.warning(
                 "conversation %s: could not mark turn %d failed or release the claim: %s",
                 self.conv.id,
-                self.user_message.seq,
+                self.user_seq,
                 exc,
             )
 
@@ -281,11 +295,20 @@ class Sending:
     ) -> Message:
         """Store the reply (and calibrate), then release the claim.
 
+        A regeneration's complete reply replaces the old replies in the same
+        commit; an incomplete one is kept as an ``excluded`` turn after them
+        (stored and counted, never sent), so the old reply stays the answer.
         If the database fails, the reply is kept in the outbox and
         :class:`ReplyNotStored` raised with it.
         """
         self.settled = True
         self.heartbeat.stop()
+        replacing = None
+        if self.retake is not None:
+            if status == "complete":
+                replacing = self.retake[1:]
+            else:
+                status = "excluded"
         turn = turn_from_response(
             self.store,
             response,
@@ -297,7 +320,9 @@ class Sending:
             turn = replace(turn, key=reply_key(self.key))
         try:
             # The reply and the end of the claim: one commit.
-            message = self.conv._store_reply(turn, self.window, release=self.owner)
+            message = self.conv._store_reply(
+                turn, self.window, release=self.owner, replacing=replacing
+            )
         except _DB_FAILURES as exc:
             raise self._spool(turn, exc) from exc
         except BaseException:
@@ -317,7 +342,7 @@ class Sending:
         outbox_id: str | None = None
         try:
             outbox_id = self.store.records.spool_reply(
-                self.conv.id, self.user_message.seq, self.owner, turn
+                self.conv.id, self.user_seq, self.owner, turn
             )
             kept = (
                 f"it is kept in the outbox ({self.store.records.outbox.path}) and will be "
@@ -384,14 +409,17 @@ def _request_id(stream: Any) -> str | None:
 
 
 def _cut(sending: Sending) -> StreamInterrupted:
+    kept = (
+        "kept as an excluded turn; the previous reply stays"
+        if sending.retake is not None
+        else "kept as an incomplete turn"
+    )
     if sending.heartbeat.timed_out:
         return StreamInterrupted(
             f"send_timeout ({sending.store.send_timeout:g} s) reached: the stream was closed; "
-            "the reply so far is kept as an incomplete turn"
+            f"the reply so far is {kept}"
         )
-    return StreamInterrupted(
-        "the stream ended before message_stop: the reply is incomplete (kept as an incomplete turn)"
-    )
+    return StreamInterrupted(f"the stream ended before message_stop: the reply so far is {kept}")
 
 
 def _stream_failure(sending: Sending, exc: BaseException) -> BaseException:
@@ -404,10 +432,18 @@ def _stream_failure(sending: Sending, exc: BaseException) -> BaseException:
 
 
 def send(
-    conv: Conversation, content: Any, params: dict[str, Any], *, key: str | None = None
+    conv: Conversation,
+    content: Any,
+    params: dict[str, Any],
+    *,
+    key: str | None = None,
+    retake: range | None = None,
 ) -> Message:
-    """Send one user turn and return the stored reply (see the module docstring)."""
-    sending = Sending(conv, content, params, key)
+    """Send one user turn and return the stored reply (see the module docstring).
+
+    ``retake``: regenerate instead; see :class:`Sending`.
+    """
+    sending = Sending(conv, content, params, key, retake=retake)
     if sending.answered is not None:
         return sending.answered
     started = time.monotonic()
@@ -475,12 +511,19 @@ class ConversationStream:
     """
 
     def __init__(
-        self, conv: Conversation, content: Any, params: dict[str, Any], *, key: str | None = None
+        self,
+        conv: Conversation,
+        content: Any,
+        params: dict[str, Any],
+        *,
+        key: str | None = None,
+        retake: range | None = None,
     ) -> None:
         self._conv = conv
         self._content = content
         self._params = params
         self._key = key
+        self._retake = retake
         self._sending: Sending | None = None
         self._manager: Any = None
         self._stream: Any = None
@@ -492,7 +535,9 @@ class ConversationStream:
 
     def __enter__(self) -> ConversationStream:
         store = self._conv.store
-        self._sending = sending = Sending(self._conv, self._content, self._params, self._key)
+        self._sending = sending = Sending(
+            self._conv, self._content, self._params, self._key, retake=self._retake
+        )
         if sending.answered is not None:
             self.message = sending.answered  # this key's reply is stored: no call
             return self

@@ -8,10 +8,12 @@ import anthropic
 import pytest
 
 from convo import (
+    APIError,
     ConversationBusy,
     ConversationNotFound,
     ExtractiveSummarizer,
     InvalidInput,
+    StreamInterrupted,
 )
 from convo._humanize import parse_age, plural
 from tests.faces import ConversationStore
@@ -100,15 +102,99 @@ def test_regenerate_replaces_the_last_reply(
     with ConversationStore(migrated_url, client=api_client) as store:
         conv = store.create()
         conv.send("first question")
+        conv.add("assistant", "and a second thought")  # 3: taken back with the reply
         fake_api.queue_reply(Reply(text="a better answer"))
         reply = conv.regenerate(max_tokens=100)
-        assert (reply.seq, reply.text) == (2, "a better answer")
-        assert [(m.seq, m.role) for m in conv.history()] == [(1, "user"), (2, "assistant")]
+        assert (reply.seq, reply.text, reply.status) == (2, "a better answer", "complete")
+        assert [(m.seq, m.role, m.text) for m in conv.history()] == [
+            (1, "user", "first question"),
+            (2, "assistant", "a better answer"),
+        ]
         assert fake_api.requests[-1].body["messages"] == fake_api.requests[0].body["messages"]
+        with conv.regenerate_stream(max_tokens=100) as streamed:
+            text = "".join(streamed)
+        assert streamed.message is not None
+        assert (streamed.message.seq, streamed.message.text) == (2, text)
+        assert conv.refresh().message_count == 2
         conv.add("user", "only a question")
         with pytest.raises(InvalidInput, match="no reply to regenerate"):
             conv.regenerate()
         assert store.get(conv.id).message_count == 3
+
+
+def _history(conv: object) -> list[tuple[int, str, str, str]]:
+    return [(m.seq, m.role, m.status, m.text) for m in conv.history()]  # type: ignore[attr-defined]
+
+
+def test_a_failed_regeneration_keeps_the_old_reply(
+    migrated_url: str, api_client: anthropic.Anthropic, fake_api: FakeMessagesAPI
+) -> None:
+    """The old reply stays until a new one is stored: a failed call, a refused
+    request and a call that never starts change nothing, and free the claim."""
+    with ConversationStore(migrated_url, client=api_client) as store:
+        conv = store.create()
+        conv.send("first question")
+        before = _history(conv)
+        fake_api.fail_next(400, message="bad things")
+        with pytest.raises(APIError, match="bad things"):
+            conv.regenerate(max_tokens=100)
+        assert _history(conv) == before
+        fake_api.fail_next(529, times=3, retry_after=0.001)  # the SDK's retries run out
+        with pytest.raises(APIError), conv.regenerate_stream(max_tokens=100) as reply:
+            "".join(reply)
+        assert _history(conv) == before
+        with pytest.raises(InvalidInput, match="max_tokens"):
+            conv.regenerate(max_tokens=0)
+        assert _history(conv) == before
+        # Nothing holds the conversation: the next regeneration goes through.
+        fake_api.queue_reply(Reply(text="at last"))
+        assert conv.regenerate(max_tokens=100).text == "at last"
+        assert [m.text for m in conv.history()] == ["first question", "at last"]
+
+
+def test_a_regeneration_cut_short_keeps_the_old_reply_and_the_new_text(
+    migrated_url: str, api_client: anthropic.Anthropic, fake_api: FakeMessagesAPI
+) -> None:
+    """A stream a proxy ends before ``message_stop``: the old reply stays the answer
+    and what arrived is kept too, excluded from requests (and its usage counted)."""
+    with ConversationStore(migrated_url, client=api_client) as store:
+        conv = store.create()
+        conv.send("first question")
+        before = _history(conv)
+        fake_api.queue_reply(Reply(text="a new answer that is cut short somewhere"))
+        fake_api.end_stream_after(6)
+        with (
+            pytest.raises(StreamInterrupted, match="previous reply stays"),
+            conv.regenerate_stream(max_tokens=100) as reply,
+        ):
+            "".join(reply)
+        after = _history(conv)
+        assert after[:2] == before
+        assert [(seq, role, status) for seq, role, status, _ in after[2:]] == [
+            (3, "assistant", "excluded")
+        ]
+        assert after[2][3]
+        assert "a new answer that is cut short somewhere".startswith(after[2][3])
+        assert store.usage(conversation_id=conv.id).total.requests == 2
+        conv.send("next question")
+        sent = fake_api.requests[-1].body["messages"]
+        assert [m["role"] for m in sent] == ["user", "assistant", "user"]
+        assert before[1][3] in str(sent[1])
+
+
+def test_a_regeneration_waits_for_a_send_in_flight(
+    migrated_url: str, api_client: anthropic.Anthropic
+) -> None:
+    with ConversationStore(migrated_url, client=api_client) as store:
+        conv = store.create()
+        conv.send("first question")
+        before = _history(conv)
+        with conv.stream("second question") as streaming:
+            with pytest.raises(ConversationBusy):
+                conv.regenerate(max_tokens=100)
+            "".join(streaming)
+        assert _history(conv)[:2] == before
+        assert conv.regenerate(max_tokens=100).seq == 4
 
 
 def test_find_by_prefix_and_latest(store: ConversationStore) -> None:
