@@ -246,7 +246,8 @@ def _empty_mysql(url: str) -> None:
     from sqlalchemy import create_engine, text
 
     from convo._database import resolve_url
-    from convo._models import VERSION_TABLE, Base
+    from convo._models import Base
+    from convo._schema import VERSION_TABLE
 
     engine = create_engine(resolve_url(url))
     try:

@@ -29,6 +29,7 @@ from .errors import ConvoError, InvalidInput
 if TYPE_CHECKING:
     from ._conversation import Conversation
     from ._database import Database
+    from ._embedded import Listed
     from ._message import Message
     from ._recall import RecallHit
     from ._search import SearchHit
@@ -779,11 +780,19 @@ def list_command(user_id: str | None, limit: int, as_json: bool, db_url: str | N
     Example:
       convo list --user user-42 --limit 5
     """
-    with _store(db_url) as store:
-        conversations = store.list(user_id=user_id, limit=limit)
+    from ._embedded import list_conversations
+
     if as_json:
-        _emit_json([_conversation_json(c) for c in conversations])
+        with _store(db_url) as store:
+            _emit_json([_conversation_json(c) for c in store.list(user_id=user_id, limit=limit)])
         return
+    # The embedded file at the current schema is read without loading the store.
+    conversations: Sequence[Conversation | Listed] | None = list_conversations(
+        db_url, user_id=user_id, limit=limit
+    )
+    if conversations is None:
+        with _store(db_url) as store:
+            conversations = store.list(user_id=user_id, limit=limit)
     if not conversations:
         who = f" for user {user_id}" if user_id else ""
         click.echo(f"No conversations{who} yet. Start one with `convo chat` or `convo new`.")

@@ -28,21 +28,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
-import platformdirs
 from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url, pool
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
-from ._models import TABLE_PREFIX, VERSION_TABLE
+from ._embedded import ENV_DATABASE_URL, default_database_path, inspect_sqlite_file
 from .errors import (
     CorruptedData,
     DatabaseUnavailable,
     InvalidInput,
     MissingDriver,
-    NotAConvoDatabase,
 )
 
-ENV_DATABASE_URL: Final = "CONVO_DATABASE_URL"
 #: The password part of a URL that could not be parsed (so it is never echoed).
 _PASSWORD: Final = re.compile(r"(://[^:/@]*:)[^@]*@")
 SQLITE_BUSY_TIMEOUT_S: Final = 60.0
@@ -63,11 +60,6 @@ _ASYNC_DRIVERS: Final = {
     "mysql": ("mysql+aiomysql", "aiomysql", "async,mysql"),
     "mariadb": ("mariadb+aiomysql", "aiomysql", "async,mysql"),
 }
-
-
-def default_database_path() -> Path:
-    """The embedded SQLite file: ``convo.db`` in the user data directory."""
-    return platformdirs.user_data_path("convo", appauthor=False) / "convo.db"
 
 
 def resolve_url(url: str | URL | None = None) -> URL:
@@ -119,52 +111,6 @@ def sqlite_file(url: URL) -> Path | None:
     if database in ("", ":memory:") or database.startswith("file::memory:"):
         return None
     return Path(database)
-
-
-def inspect_sqlite_file(path: Path, *, allow_other_tables: bool = False) -> bool:
-    """Check a SQLite file without changing it. True if it already has convo's schema.
-
-    A file that does not exist or is empty is fine (False). A file that is not
-    a SQLite database raises :class:`NotAConvoDatabase`, and so does one that
-    holds tables of something other than convo unless ``allow_other_tables``;
-    it is opened read-only and left as it was.
-    """
-    if not path.exists() or path.stat().st_size == 0:
-        return False
-    with path.open("rb") as handle:
-        header = handle.read(16)
-    if header != b"SQLite format 3\x00":
-        raise NotAConvoDatabase(f"{path} is not a SQLite database; it was left untouched")
-    try:
-        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-        try:
-            names = {
-                row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            }
-        finally:
-            con.close()
-    except sqlite3.DatabaseError as exc:
-        for place, access in ((path, os.R_OK | os.W_OK), (path.parent, os.W_OK)):
-            if not os.access(place, access):
-                # Not the file's fault: SQLite could not open it here (a read-only file
-                # system or missing permissions; WAL mode writes beside the file).
-                raise DatabaseUnavailable(
-                    f"cannot use the SQLite database {path}: {place} is not writable "
-                    f"(read-only file system or permissions); SQLite said: {exc}"
-                ) from None
-        raise NotAConvoDatabase(
-            f"{path} cannot be read as a SQLite database ({exc}); it was left untouched"
-        ) from None
-    if VERSION_TABLE in names:
-        return True
-    foreign = sorted(name for name in names if not name.startswith(TABLE_PREFIX))
-    if foreign and not allow_other_tables:
-        raise NotAConvoDatabase(
-            f"{path} is not a convo database (it has tables {', '.join(foreign[:5])}); it was "
-            "left untouched. Add convo's tables to it on purpose with "
-            f"`convo db upgrade --db sqlite:///{path}`"
-        )
-    return False
 
 
 def _use_wal(cursor: Any) -> None:

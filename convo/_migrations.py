@@ -20,7 +20,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import URL, Connection, MetaData, Table, inspect
 
 from ._database import Database, command_url, mask
-from ._models import VERSION_TABLE
+from ._schema import VERSION_TABLE
 from .errors import InvalidInput, SchemaOutOfDate
 
 __all__ = [

@@ -47,9 +47,6 @@ NAMING_CONVENTION: Final = {
     "pk": "pk_%(table_name)s",
 }
 
-VERSION_TABLE: Final = "convo_alembic_version"
-TABLE_PREFIX: Final = "convo_"
-
 
 class UTCDateTime(TypeDecorator[datetime]):
     """An aware UTC datetime on every database, whatever it stores natively."""

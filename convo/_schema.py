@@ -1,7 +1,8 @@
 """The schema revision a database has and the one this convo ships, without Alembic.
 
 Opening a store checks both on every start; Alembic (and the migration
-scripts it imports) is loaded only when a migration has to run. The shipped
+scripts it imports) is loaded only when a migration has to run. Importing
+this module loads no SQLAlchemy (see ``convo._embedded``). The shipped
 head is read from the scripts' ``revision``/``down_revision`` lines; a test
 checks it against Alembic's own answer.
 """
@@ -11,13 +12,17 @@ from __future__ import annotations
 import functools
 import re
 from importlib import resources
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from sqlalchemy import Connection, inspect, text
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
 
-from ._models import VERSION_TABLE
+__all__ = ["TABLE_PREFIX", "VERSION_TABLE", "shipped_head", "stored_revision"]
 
-__all__ = ["shipped_head", "stored_revision"]
+#: Every table of convo's starts so (convo can share a database with its application).
+TABLE_PREFIX: Final = "convo_"
+#: Alembic's version table, named for convo.
+VERSION_TABLE: Final = "convo_alembic_version"
 
 _ASSIGNMENT: Final = re.compile(
     r"^(revision|down_revision)\s*(?::[^=]*)?=\s*(.+?)\s*$", re.MULTILINE
@@ -45,6 +50,8 @@ def shipped_head() -> str | None:
 
 def stored_revision(connection: Connection) -> str | None:
     """The database's schema revision; None without a convo schema (or with several heads)."""
+    from sqlalchemy import inspect, text  # not at import: `convo list` reads SQLite without it
+
     if not inspect(connection).has_table(VERSION_TABLE):
         return None
     rows = connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).all()

@@ -15,7 +15,8 @@ from alembic import context
 from sqlalchemy import Connection
 
 from convo._database import Database, resolve_url
-from convo._models import TABLE_PREFIX, VERSION_TABLE, Base
+from convo._models import Base
+from convo._schema import TABLE_PREFIX, VERSION_TABLE
 
 FULL_TEXT_PREFIX = "convo_search_fts"
 

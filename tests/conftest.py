@@ -18,7 +18,8 @@ from sqlalchemy import create_engine, text
 
 from convo import ConversationStore
 from convo._database import resolve_url
-from convo._models import VERSION_TABLE, Base
+from convo._models import Base
+from convo._schema import VERSION_TABLE
 from convo._summarizer import SUMMARIZER_SYSTEM
 from tests import faces
 from tests.fakeapi import FakeMessagesAPI, Reply

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import sqlite3
 import subprocess
 import sys
 from datetime import timedelta
@@ -21,6 +22,7 @@ from convo._database import ENV_DATABASE_URL as LIBRARY_ENV_DATABASE_URL
 from convo._docs import _walk
 from convo._models import ConversationRow, utcnow
 from convo._repl import clean_input, read_message
+from convo._schema import VERSION_TABLE
 from tests import media
 from tests.fakeapi import FakeMessagesAPI
 from tests.test_cli_commands import api_env, run
@@ -80,6 +82,62 @@ def test_list_on_an_empty_database_says_so(migrated_url: str) -> None:
     code, out, _ = run("list", "--db", migrated_url)
     assert (code, out) == (0, "No conversations yet. Start one with `convo chat` or `convo new`.\n")
     assert "for user bob" in run("list", "--user", "bob", "--db", migrated_url)[1]
+
+
+def test_list_reads_the_embedded_file_without_loading_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path}/list.db"
+    with ConversationStore(url) as store:
+        ada = store.create(title="ada's", user_id="ada")
+        ada.extend([("user", "hi"), ("assistant", "hello")])
+        store.create(title="bob's", user_id="bob")
+        ids = [c.id for c in store.list()]
+    script = (
+        "import sys; from convo._cli import cli; "
+        "cli(['list', '--db', sys.argv[1], *sys.argv[2:]], standalone_mode=False); "
+        "assert 'sqlalchemy' not in sys.modules, 'convo list loaded SQLAlchemy'"
+    )
+
+    def quick(*args: str) -> str:
+        command = [sys.executable, "-c", script, url, *args]
+        return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+    fast, fast_ada = quick(), quick("--user", "ada")
+    assert [line.split()[0] for line in fast.splitlines()[1:]] == ids
+    assert [line.split()[0] for line in fast_ada.splitlines()[1:]] == [ada.id]
+    assert "No conversations for user eve yet" in quick("--user", "eve")
+    # The store's answer, printed the same way.
+    monkeypatch.setattr("convo._embedded.list_conversations", lambda *a, **k: None)
+    assert run("list", "--db", url)[1] == fast
+    assert run("list", "--db", url, "--user", "ada")[1] == fast_ada
+
+
+def test_the_quick_list_leaves_anything_unusual_to_the_store(tmp_path: Path) -> None:
+    from convo._embedded import list_conversations
+
+    def listed(url: str | None) -> object:
+        return list_conversations(url, user_id=None, limit=5)
+
+    missing = tmp_path / "missing.db"
+    assert listed(f"sqlite:///{missing}") is None
+    assert not missing.exists()  # the store creates it, not the quick path
+    assert listed("postgresql://postgres@127.0.0.1/test") is None
+    assert listed("sqlite:///:memory:") is None
+    url = f"sqlite:///{tmp_path}/c.db"
+    with ConversationStore(url) as store:
+        store.create(title="one")
+    assert listed(f"{url}?timeout=5") is None  # options: only SQLAlchemy reads them right
+    with_options = listed(url)
+    assert isinstance(with_options, list)
+    assert [c.title for c in with_options] == ["one"]
+    with sqlite3.connect(tmp_path / "c.db") as con:
+        con.execute(f"UPDATE {VERSION_TABLE} SET version_num = 'ffff'")
+    assert listed(url) is None  # not this convo's schema: the store says what to do
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as con:
+        con.execute("CREATE TABLE notes (x)")
+    assert listed(f"sqlite:///{other}") is None
 
 
 def test_db_path_shows_the_embedded_file_or_the_url(isolated_environment: Path) -> None:

@@ -19,7 +19,7 @@ from convo import (
     _migrations,
 )
 from convo._database import Database, default_database_path, resolve_url
-from convo._models import VERSION_TABLE
+from convo._schema import VERSION_TABLE
 from tests.conftest import server_url
 
 
