@@ -11,6 +11,7 @@ such line. Terminal escape sequences never reach a stored turn.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 RESUME_TURNS: Final = 4
 HISTORY_LENGTH: Final = 1_000
 BLOCK: Final = '"""'
+_HISTORY_HEADER: Final = "#convo chat history 1"
 
 HELP: Final = """Commands:
   /id                 this conversation's id
@@ -102,8 +104,8 @@ class LineReader:
             self.readline = readline
             readline.set_history_length(HISTORY_LENGTH)
             readline.parse_and_bind("set enable-bracketed-paste on")
-            with contextlib.suppress(OSError):
-                readline.read_history_file(self.path)
+            for entry in load_history(self.path):
+                readline.add_history(entry)
 
     def prompt(self, text: str, **style: Any) -> str:
         """A prompt, coloured on a terminal (wrapped so readline measures it right)."""
@@ -130,11 +132,42 @@ class LineReader:
             self.readline.remove_history_item(self.readline.get_current_history_length() - 1)
         if message.strip():
             self.readline.add_history(message)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.readline.write_history_file(self.path)
-        except OSError:
-            pass
+        count = self.readline.get_current_history_length()
+        entries = [self.readline.get_history_item(i) for i in range(1, count + 1)]
+        with contextlib.suppress(OSError):
+            save_history(self.path, [e for e in entries if e is not None])
+
+
+def load_history(path: Path) -> list[str]:
+    """The chat's input history, oldest first; a message of several lines is one entry.
+
+    The file is a header line, then one JSON string per entry (readline's own
+    file format has one line per entry, which would split such a message). A
+    file without the header is readline's format, as older versions wrote it.
+    """
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    if not lines or lines[0] != _HISTORY_HEADER:
+        return lines[-HISTORY_LENGTH:]
+    entries = []
+    for line in lines[1:]:
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if isinstance(entry, str):
+                entries.append(entry)
+    return entries[-HISTORY_LENGTH:]
+
+
+def save_history(path: Path, entries: list[str]) -> None:
+    """Write the history (see :func:`load_history`) by replacing the file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = entries[-HISTORY_LENGTH:]
+    text = "\n".join([_HISTORY_HEADER, *(json.dumps(e, ensure_ascii=False) for e in kept)])
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text + "\n", encoding="utf-8")
+    partial.replace(path)
 
 
 def colour_enabled() -> bool:

@@ -21,7 +21,7 @@ from convo._cli import ENV_DATABASE_URL, cli
 from convo._database import ENV_DATABASE_URL as LIBRARY_ENV_DATABASE_URL
 from convo._docs import _walk
 from convo._models import ConversationRow, utcnow
-from convo._repl import clean_input, read_message
+from convo._repl import LineReader, clean_input, load_history, read_message
 from convo._schema import VERSION_TABLE
 from tests import media
 from tests.fakeapi import FakeMessagesAPI
@@ -434,3 +434,30 @@ def test_send_attaches_images_and_text_files(
         code, _, err = run("send", conv_id, "x", "--file", str(path), *db, env=api_env)
         assert (code, err.startswith("Error: file: "), reason in err) == (1, True, True), err
     assert json.loads(run("show", conv_id, "--json", *db)[1])["conversation"]["messages"] == 6
+
+
+def test_a_message_of_several_lines_is_one_history_entry(tmp_path: Path) -> None:
+    """Up-arrow brings a multi-line message back whole, in this chat and the next."""
+    readline = pytest.importorskip("readline")
+    readline.clear_history()
+    try:
+        reader = LineReader(interactive=True)
+        reader.path = tmp_path / "chat_history"
+        reader.begin()
+        for line in ("first line\\", "second line"):  # what input() adds, line by line
+            readline.add_history(line)
+        reader.remember("first line\nsecond line")
+        reader.begin()
+        readline.add_history("short one")
+        reader.remember("short one")
+        expected = ["first line\nsecond line", "short one"]
+        count = readline.get_current_history_length()
+        assert [readline.get_history_item(i) for i in range(1, count + 1)] == expected
+        assert load_history(reader.path) == expected
+        # An older history file, in readline's own format, still loads.
+        older = tmp_path / "older"
+        older.write_text("one\ntwo\n")
+        assert load_history(older) == ["one", "two"]
+        assert load_history(tmp_path / "none") == []
+    finally:
+        readline.clear_history()
