@@ -57,6 +57,7 @@ if TYPE_CHECKING:
         NotAConvoDatabase,
         ReplyNotStored,
         SchemaOutOfDate,
+        SendTimedOut,
         StreamInterrupted,
         SummarizerFailed,
     )
@@ -107,6 +108,7 @@ _LAZY = {
     "NotAConvoDatabase": ".errors",
     "ReplyNotStored": ".errors",
     "SchemaOutOfDate": ".errors",
+    "SendTimedOut": ".errors",
     "StreamInterrupted": ".errors",
     "SummarizerFailed": ".errors",
 }
@@ -146,6 +148,7 @@ __all__ = [
     "Redactor",
     "ReplyNotStored",
     "SchemaOutOfDate",
+    "SendTimedOut",
     "StreamInterrupted",
     "Summarizer",
     "SummarizerFailed",

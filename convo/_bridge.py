@@ -131,6 +131,12 @@ class AwaitingClient:
     def with_options(self, **options: Any) -> AwaitingClient:
         return AwaitingClient(self.async_client.with_options(**options))
 
+    def with_middleware(self, *middleware: Any) -> AwaitingClient:
+        """The client with more middleware; each given by its ``handle_async``."""
+        return AwaitingClient(
+            self.async_client.with_middleware(*(m.handle_async for m in middleware))
+        )
+
     def close(self) -> None:
         wait(self.async_client.close())
 

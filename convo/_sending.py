@@ -243,6 +243,14 @@ class Sending:
         conv._load(row)
         timeout = self.store.send_timeout
         self.deadline = time.monotonic() + timeout if timeout is not None else None
+        if self.deadline is not None and timeout and hasattr(self.client, "with_middleware"):
+            from ._deadline import Deadline
+
+            # SDK retries included: the whole call within the deadline.
+            retries = getattr(self.client, "max_retries", 0)
+            self.client = self.client.with_middleware(
+                Deadline(self.deadline, timeout, max_retries=retries)
+            )
         store, owner = self.store, self.owner
         self.heartbeat = store._heartbeat_class(
             lambda: store.records.renew(conv.id, owner),

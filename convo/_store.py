@@ -130,8 +130,9 @@ class ConversationStore:
     * ``send_lease``: seconds a send's claim on a conversation outlives its
       process if it dies mid-call (default 60); a live sender renews it every
       ``send_lease / 3`` seconds.
-    * ``send_timeout``: seconds a whole send may take (default: none beyond
-      the SDK's own timeouts); see the README.
+    * ``send_timeout``: seconds a whole send may take, the SDK's retries
+      included (default: none beyond the SDK's own timeouts); past it a call
+      fails with :class:`SendTimedOut` and a stream is cut. See the README.
     * ``pool_size``: database connections kept open (default: SQLAlchemy's 5;
       up to twice as many more open under load). Each send holds one only
       while it reads or writes, never during the API call.

@@ -12,7 +12,8 @@ so code written against the built-in exceptions keeps working::
     ├── ContextTooLarge                              the newest exchange alone is over budget
     ├── ConversationBusy                             another send on it is in flight
     ├── APIError                                     the API call failed (wraps the SDK's error)
-    │   └── StreamInterrupted                        a stream broke off; partial reply kept
+    │   ├── StreamInterrupted                        a stream broke off; partial reply kept
+    │   └── SendTimedOut                             send_timeout passed before a reply came
     ├── MissingAPIKey                                no key for the client convo makes
     ├── SummarizerFailed                             the summary could not be made; turns stay live
     ├── CorruptedData                                stored data fails a check; see `convo verify`
@@ -53,6 +54,7 @@ __all__ = [
     "NotAConvoDatabase",
     "ReplyNotStored",
     "SchemaOutOfDate",
+    "SendTimedOut",
     "StreamInterrupted",
     "SummarizerFailed",
 ]
@@ -189,6 +191,15 @@ class APIError(ConvoError):
 
 class StreamInterrupted(APIError):
     """A streamed reply broke off. What arrived is stored as an incomplete turn."""
+
+
+class SendTimedOut(APIError):
+    """The store's ``send_timeout`` passed before the API call produced a reply.
+
+    The user turn stays stored (marked ``failed``) and is sent again with the
+    next turn. (A stream already under way at the deadline is closed and kept
+    as an incomplete turn: :class:`StreamInterrupted`.)
+    """
 
 
 class DatabaseError(ConvoError):

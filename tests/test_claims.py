@@ -17,7 +17,7 @@ import anthropic
 import pytest
 from click.testing import CliRunner
 
-from convo import ConversationBusy, InvalidInput, StreamInterrupted
+from convo import APIError, ConversationBusy, InvalidInput, SendTimedOut, StreamInterrupted
 from convo._cli import cli
 from convo._store import DEFAULT_SEND_LEASE
 from tests.faces import ConversationStore
@@ -111,6 +111,40 @@ def test_send_timeout_cuts_a_slow_stream_and_keeps_what_arrived(
             ConversationStore(migrated_url, send_timeout=bad)
         with pytest.raises(InvalidInput, match="send_lease"):
             ConversationStore(migrated_url, send_lease=bad)
+
+
+def test_send_timeout_bounds_a_call_and_its_retries(
+    migrated_url: str, api_client: anthropic.Anthropic, fake_api: FakeMessagesAPI
+) -> None:
+    """A non-streamed call that hangs, and a retry the server asks to wait for:
+    each ends at the deadline, not after the SDK's retries (two, here)."""
+    with ConversationStore(migrated_url, client=api_client, send_timeout=1.0) as store:
+        conv = store.create()
+        fake_api.delay = 3.0  # every attempt outlasts the deadline
+        started = time.monotonic()
+        with pytest.raises(SendTimedOut, match=r"send_timeout \(1 s\) reached"):
+            conv.send("a slow one", max_tokens=100)
+        assert time.monotonic() - started < 2.0
+        fake_api.delay = 0.0
+        fake_api.fail_next(529, retry_after=30)
+        started = time.monotonic()
+        with pytest.raises(SendTimedOut, match="HTTP 529 and the SDK would retry only after 30"):
+            conv.send("overloaded", max_tokens=100)
+        assert time.monotonic() - started < 1.0
+        assert [(m.role, m.status) for m in conv.history()] == [
+            ("user", "failed"),
+            ("user", "failed"),
+        ]
+        assert store.records.release(conv.id) is False  # no claim left behind
+        # What is not retried stays the API's own error; a quick retry still happens.
+        fake_api.fail_next(400, message="bad things")
+        with pytest.raises(APIError, match="bad things") as caught:
+            conv.send("refused", max_tokens=100)
+        assert not isinstance(caught.value, SendTimedOut)
+        fake_api.fail_next(529, retry_after=0.001)
+        reply = conv.send("and now", max_tokens=100)
+        assert reply.text.startswith("echo: ")
+        assert fake_api.requests[-1].body["messages"][0]["content"][0]["text"] == "a slow one"
 
 
 def _slow_env(fake_api: FakeMessagesAPI) -> dict[str, str]:
