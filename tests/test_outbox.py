@@ -1,13 +1,15 @@
 """The database failing between the API's reply and its write: the billed reply survives.
 
 SQLite loses its writes through an engine event that fails the INSERT of the
-assistant turn the way a full disk would; PostgreSQL really goes away: its
-backends are terminated and new connections refused while the reply is on
-its way.
+assistant turn the way a full disk would; the servers really go away while
+the reply is on its way: PostgreSQL's backends for the database are
+terminated and new connections refused; on MariaDB the store connects as a
+user of its own, whose account is locked and whose connections are killed.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -63,6 +65,18 @@ class Outage:
             )
             self._event.__enter__()
             return
+        if self.url.startswith("mysql"):
+            with _mysql_admin() as admin:
+                for host in _MYSQL_HOSTS:
+                    admin.execute(text(f"ALTER USER '{_MYSQL_USER}'@'{host}' ACCOUNT LOCK"))
+                threads = admin.execute(
+                    text("SELECT id FROM information_schema.processlist WHERE user = :user"),
+                    {"user": _MYSQL_USER},
+                ).scalars()
+                for thread in list(threads):
+                    with contextlib.suppress(sa_exc.OperationalError):  # gone already
+                        admin.execute(text(f"KILL CONNECTION {int(thread)}"))
+            return
         url = resolve_url(self.url)
         engine = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
         name = str(url.database)
@@ -87,6 +101,11 @@ class Outage:
             self._event.__exit__(None, None, None)
             self._event = None
             return
+        if self.url.startswith("mysql"):
+            with _mysql_admin() as admin:
+                for host in _MYSQL_HOSTS:
+                    admin.execute(text(f"ALTER USER '{_MYSQL_USER}'@'{host}' ACCOUNT UNLOCK"))
+            return
         url = resolve_url(self.url)
         engine = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
         try:
@@ -98,17 +117,52 @@ class Outage:
             engine.dispose()
 
 
+#: MariaDB: the user the store connects as, so that the outage can lock it out.
+_MYSQL_USER = "convo_outage"
+_MYSQL_HOSTS = ("%", "localhost")
+
+
+@contextmanager
+def _mysql_admin() -> Iterator[Any]:
+    from tests.conftest import SERVER_URLS
+
+    engine = create_engine(resolve_url(SERVER_URLS["mysql"]), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            yield connection
+    finally:
+        engine.dispose()
+
+
+def _mysql_outage_url(admin_url: str) -> str:
+    """``admin_url``'s database, reached as a user of its own (created here)."""
+    database = str(resolve_url(admin_url).database)
+    with _mysql_admin() as admin:
+        for host in _MYSQL_HOSTS:
+            account = f"'{_MYSQL_USER}'@'{host}'"
+            admin.execute(text(f"CREATE USER IF NOT EXISTS {account}"))
+            admin.execute(text(f"ALTER USER {account} ACCOUNT UNLOCK"))
+            admin.execute(text(f"GRANT ALL PRIVILEGES ON `{database}`.* TO {account}"))
+    url = resolve_url(admin_url).set(username=_MYSQL_USER, password=None)
+    return url.render_as_string(hide_password=False)
+
+
 @pytest.fixture(
-    params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
+    params=[
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("mysql", marks=pytest.mark.mysql),
+    ],
 )
 def outage_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
     from tests.conftest import server_url
 
-    url = (
-        f"sqlite:///{tmp_path / 'convo.db'}"
-        if request.param == "sqlite"
-        else server_url("postgres")
-    )
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'convo.db'}"
+    elif request.param == "mysql":
+        url = _mysql_outage_url(server_url("mysql"))
+    else:
+        url = server_url("postgres")
     with ConversationStore(url) if url.startswith("sqlite") else _upgraded(url):
         pass
     return url
