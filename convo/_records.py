@@ -23,10 +23,11 @@ import builtins
 import functools
 import logging
 import secrets
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from sqlalchemy import Text, cast, delete, func, insert, select, update
 from sqlalchemy import exc as sa_exc
@@ -75,6 +76,9 @@ from .errors import (
 __all__ = ["Compaction", "LiveState", "Records"]
 
 logger = logging.getLogger("convo")
+#: How long a model's calibration read from the database is used before reading it again.
+CALIBRATION_TTL_S: Final = 30.0
+_clock = time.monotonic
 
 
 def check_free(conversation: ConversationRow) -> None:
@@ -106,6 +110,11 @@ def _unpack(
 
 def _turn_json(turn: Turn) -> dict[str, Any]:
     return {name: getattr(turn, name) for name in Turn.__dataclass_fields__}
+
+
+#: The tables behind the hot inserts, for Core statements.
+_MESSAGES: Final = MessageRow.metadata.tables[MessageRow.__tablename__]
+_SEARCH_TEXTS: Final = SearchTextRow.metadata.tables[SearchTextRow.__tablename__]
 
 
 def _row_values(message: Message) -> dict[str, Any]:
@@ -173,6 +182,8 @@ class Records:
         self.send_lease = send_lease
         self.count_text = count_text
         self.auto_replay = auto_replay
+        #: model -> (calibration, monotonic time until which it is used unread)
+        self._calibrations: dict[str, tuple[Calibration, float]] = {}
 
     # -- conversations -------------------------------------------------------
 
@@ -611,9 +622,10 @@ class Records:
             )
             for seq, turn in enumerate(turns, start=first)
         ]
-        # Core inserts (executemany): many turns cost one round trip per batch.
+        # Core inserts on the tables (executemany), not the ORM's bulk path: many
+        # turns cost one round trip per batch, and one turn no ORM bookkeeping.
         session.execute(
-            insert(MessageRow),
+            insert(_MESSAGES),
             [{**_row_values(m), "key": t.key} for m, t in zip(messages, turns, strict=True)],
         )
         searchable = [
@@ -622,7 +634,7 @@ class Records:
             if (text := searchable_text(m.content))
         ]
         if searchable:
-            session.execute(insert(SearchTextRow), searchable)
+            session.execute(insert(_SEARCH_TEXTS), searchable)
         return messages
 
     def set_excluded(self, conversation_id: str, seq: int, excluded: bool) -> None:
@@ -1064,10 +1076,23 @@ class Records:
                         )
 
     def calibration(self, model: str) -> Calibration:
-        """The token-count correction of ``model``, as learned so far."""
+        """The token-count correction of ``model``, as learned so far.
+
+        Read at most every ``CALIBRATION_TTL_S`` seconds per model (every
+        request needs it; it moves slowly); this store's own observations
+        replace it at once.
+        """
+        known = self._calibrations.get(model)
+        if known is not None and _clock() < known[1]:
+            return known[0]
         with self._db.transaction() as session:
             row = session.get(CalibrationRow, model)
-            return Calibration(row.factor, row.samples) if row else Calibration()
+            found = Calibration(row.factor, row.samples) if row else Calibration()
+        return self._remember_calibration(model, found)
+
+    def _remember_calibration(self, model: str, calibration: Calibration) -> Calibration:
+        self._calibrations[model] = (calibration, _clock() + CALIBRATION_TTL_S)
+        return calibration
 
     def observe_usage(self, model: str, raw_tokens: int, actual_tokens: int) -> Calibration:
         """Fold one request's reported input size into ``model``'s calibration."""
@@ -1083,7 +1108,7 @@ class Records:
                     before = Calibration(row.factor, row.samples) if row else Calibration()
                     after = before.observe(raw_tokens, actual_tokens)
                     if after is before:
-                        return before
+                        return self._remember_calibration(model, before)
                     if row is None:
                         session.add(
                             CalibrationRow(
@@ -1099,7 +1124,8 @@ class Records:
                             after.samples,
                             utcnow(),
                         )
-                    return after
+                # Remembered once committed (a failed commit keeps the old one).
+                return self._remember_calibration(model, after)
             except sa_exc.IntegrityError:
                 continue  # another process inserted the first row: read it and fold again
         return self.calibration(model)

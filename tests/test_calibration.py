@@ -8,7 +8,7 @@ from typing import Any
 
 import anthropic
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from convo._budget import (
     DEFAULT_FACTOR,
@@ -18,6 +18,7 @@ from convo._budget import (
     Calibration,
 )
 from convo._models import CalibrationRow, utcnow
+from convo._records import CALIBRATION_TTL_S
 from convo._tokens import (
     IMAGE_TOKENS,
     PDF_PAGE_TOKENS,
@@ -299,3 +300,37 @@ def test_a_settled_factor_is_not_rewritten_for_an_observation_that_would_not_mov
     assert not settled.settled_by(10_000, 11_000)  # 8% below: written too
     young = Calibration(1.2, SETTLED_SAMPLES - 1)
     assert not young.settled_by(10_000, 12_010)  # still learning: every observation counts
+
+
+def test_a_calibration_is_read_once_per_interval(
+    migrated_url: str, api_client: anthropic.Anthropic, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every request needs the model's calibration: it is not read from the database for
+    each one, yet what another process learns arrives within CALIBRATION_TTL_S."""
+    clock = {"now": 1_000.0}
+    monkeypatch.setattr("convo._records._clock", lambda: clock["now"])
+    with ConversationStore(migrated_url, client=api_client) as store:
+        reads: list[str] = []
+
+        def count(_c: Any, _cur: Any, sql: str, *_: Any) -> None:
+            if "convo_calibration" in sql and sql.lstrip().upper().startswith("SELECT"):
+                reads.append(sql)
+
+        conv = store.create()
+        conv.add("user", WORDS)
+        event.listen(store.database.engine, "before_cursor_execute", count)
+        try:
+            for _ in range(3):
+                conv.window()
+            assert len(reads) == 1
+            # Another process settles the factor; this one sees it after the interval.
+            with store.database.transaction(write=True) as session:
+                session.add(
+                    CalibrationRow(model=store.model, factor=1.25, samples=40, updated_at=utcnow())
+                )
+            assert store.calibration(store.model).samples == 0
+            clock["now"] += CALIBRATION_TTL_S + 1
+            assert store.calibration(store.model) == Calibration(1.25, 40)
+            assert len(reads) == 2
+        finally:
+            event.remove(store.database.engine, "before_cursor_execute", count)
