@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Final, Literal
 
+from ._bridge import off_loop, rough_size
 from ._summarizer import SummaryResult, SummaryTurn
 from ._window import LiveTurn, safe_starts
 
@@ -299,6 +300,25 @@ def _halve(turns: Sequence[LiveTurn], count: int) -> int:
     return best
 
 
+#: Summarizing a character in process costs about this many times counting it (the
+#: extractive summarizer, measured): how ``off_loop`` weighs a summary's input.
+SUMMARY_WORK_PER_CHAR: Final = 8
+
+
+def summarize(
+    summarizer: object, previous: str | None, turns: Sequence[SummaryTurn], target_tokens: int
+) -> SummaryResult:
+    """``summarizer.summarize(...)``; one that is ``cpu_bound`` (it computes the summary
+    in this process, as :class:`ExtractiveSummarizer` does) runs off the async store's
+    event loop when the text is large (``_bridge.off_loop``)."""
+    call = summarizer.summarize  # type: ignore[attr-defined]
+    if not getattr(summarizer, "cpu_bound", False):
+        return _as_result(call(previous, turns, target_tokens=target_tokens))
+    size = len(previous or "") + rough_size([turn.content for turn in turns])
+    work = size * SUMMARY_WORK_PER_CHAR
+    return _as_result(off_loop(call, work, previous, turns, target_tokens=target_tokens))
+
+
 def summarize_chunk(
     turns: Sequence[LiveTurn],
     previous: str | None,
@@ -326,11 +346,7 @@ def summarize_chunk(
     if primary is not None:
         while True:
             try:
-                made = _as_result(
-                    primary.summarize(  # type: ignore[attr-defined]
-                        previous, _handed(turns[:size], redact), target_tokens=target_tokens
-                    )
-                )
+                made = summarize(primary, previous, _handed(turns[:size], redact), target_tokens)
             except Exception as exc:
                 smaller = _halve(turns, size) if is_prompt_too_long(exc) else 0
                 if smaller:
@@ -346,11 +362,7 @@ def summarize_chunk(
     if made is None and fallback is not None:
         size = len(turns)
         try:
-            made = _as_result(
-                fallback.summarize(  # type: ignore[attr-defined]
-                    previous, _handed(turns, redact), target_tokens=target_tokens
-                )
-            )
+            made = summarize(fallback, previous, _handed(turns, redact), target_tokens)
         except Exception as exc:
             failure = "; ".join(filter(None, [failure, _describe(fallback, exc)]))
             made = None
@@ -379,9 +391,7 @@ def _capped(
     if count(result.text) <= limit:
         return result
     try:
-        shorter = _as_result(
-            summarizer.summarize(result.text, [], target_tokens=max(target // 2, 1))  # type: ignore[attr-defined]
-        )
+        shorter = summarize(summarizer, result.text, [], max(target // 2, 1))
         if shorter.text.strip() and count(shorter.text) < count(result.text):
             result = replace(shorter, usage=_merged_usage(result.usage, shorter.usage))
     except Exception as exc:

@@ -68,7 +68,10 @@ class Summarizer(Protocol):
     """Makes the next rolling summary. Return a string or a :class:`SummaryResult`.
 
     ``target_tokens`` is the size the summary should stay within, in the
-    store's token counter (cl100k by default).
+    store's token counter (cl100k by default). A summarizer that computes the
+    summary in this process (no I/O) may set a class attribute ``cpu_bound =
+    True``: the async store then runs a large one in a worker thread, off the
+    event loop (its ``summarize`` must not use the loop).
     """
 
     def summarize(
@@ -541,6 +544,8 @@ class ExtractiveSummarizer:
     """
 
     HEADER_START: Final = "[Extractive summary"
+    #: No I/O: the async store runs a large summary in a worker thread (see Summarizer).
+    cpu_bound: Final = True
 
     def __init__(
         self,

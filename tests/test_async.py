@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import anthropic
@@ -21,11 +21,13 @@ from convo import (
     AsyncConversationStore,
     ConversationBusy,
     ConversationStore,
+    ExtractiveSummarizer,
     InvalidInput,
     SummaryResult,
     SummaryTurn,
 )
 from convo._bridge import OFF_LOOP_BYTES
+from convo._compaction import SUMMARY_WORK_PER_CHAR
 from convo._tokens import TiktokenCounter
 from tests.fakeapi import FakeMessagesAPI
 
@@ -253,6 +255,37 @@ def test_a_long_turn_is_counted_off_the_event_loop(migrated_url: str) -> None:
 
     run(main)
     on_loop = {size >= OFF_LOOP_BYTES: main for size, main in threads}
+    assert on_loop == {False: True, True: False}
+
+
+def test_the_extractive_summarizer_runs_off_the_event_loop(migrated_url: str) -> None:
+    """A chunk of tens of thousands of tokens takes the offline summarizer a few
+    hundred ms: a large one goes to a worker thread; a small one stays on the loop."""
+    threads: list[tuple[int, bool]] = []
+
+    class Recording(ExtractiveSummarizer):
+        def summarize(
+            self, previous: str | None, turns: Sequence[SummaryTurn], *, target_tokens: int
+        ) -> SummaryResult:
+            size = sum(len(str(turn.content)) for turn in turns)
+            threads.append((size, threading.current_thread() is threading.main_thread()))
+            return super().summarize(previous, turns, target_tokens=target_tokens)
+
+    async def main() -> None:
+        async with AsyncConversationStore(migrated_url, summarizer=Recording()) as store:
+            small, large = await store.create(), await store.create()
+            await small.extend([("user", "a short question"), ("assistant", "a short answer")])
+            await small.add("user", "next")
+            await small.compact()
+            # Large enough for the summary's work to go to a thread.
+            words = "the tram timetable changes on Sundays. " * (OFF_LOOP_BYTES // 300)
+            await large.extend([("user", words), ("assistant", words)])
+            await large.add("user", "next")
+            await large.compact()
+
+    run(main)
+    heavy = OFF_LOOP_BYTES // SUMMARY_WORK_PER_CHAR
+    on_loop = {size >= heavy: main for size, main in threads if size}
     assert on_loop == {False: True, True: False}
 
 
