@@ -26,7 +26,7 @@ also takes other tools' histories: the Messages API's ``messages`` (a JSON
 list of MessageParams, or a request body with ``model``/``system``/
 ``messages``, or this module's ``anthropic`` lines) and the output of
 simonw/llm's ``llm logs --json``. Every turn gets the checks ``add`` makes.
-It writes everything in one transaction: a bad record (named by its line)
+It writes everything in one transaction (``Records.importing``): a bad record (named by its line)
 leaves the database as it was.
 """
 
@@ -44,8 +44,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any, Final, Literal, NamedTuple, get_args
 
-from sqlalchemy import insert
-
 from . import _archive
 from ._content import Block, normalize_content
 from ._ids import PREFIX, is_conversation_id, new_conversation_id
@@ -54,18 +52,17 @@ from ._models import (
     ArchiveBlockRow,
     ConversationRow,
     MessageRow,
-    SearchTextRow,
     SummaryRow,
     utcnow,
 )
-from ._search import searchable_text
 from ._summarizer import SummaryTurn, transcript
-from ._turns import MESSAGE_COLUMNS, Turn, check_metadata, check_text
+from ._turns import Turn, check_metadata, check_text
 from ._window import LiveTurn, SummaryPart, render_messages, summary_block, system_blocks
 from .errors import ConversationNotFound, ConvoError, ExportFailed, InvalidInput
 
 if TYPE_CHECKING:
     from ._conversation import Conversation
+    from ._records import ImportWriter
     from ._store import ConversationStore
 
 Format = Literal["jsonl", "json", "markdown", "anthropic"]
@@ -737,9 +734,9 @@ def _check_usage(where: str, value: Any) -> dict[str, Any] | None:
 class _Importer:
     """Checks one conversation's records like ``add`` checks a turn, then writes them."""
 
-    def __init__(self, store: ConversationStore, session: Any) -> None:
+    def __init__(self, store: ConversationStore, writer: ImportWriter) -> None:
         self.store = store
-        self.session = session
+        self.writer = writer
 
     def conversation_row(
         self, item: _ImportedConversation, conversation_id: str
@@ -952,26 +949,7 @@ class _Importer:
             contents.append(content)
         blocks = self.archive_rows(item, conversation_id, rows, contents, archived)
         summaries = self.summary_rows(item, conversation_id, archived)
-        session = self.session
-        session.add(row)
-        session.flush()
-        for start in range(0, len(rows), 1_000):
-            # Core inserts, a batch at a time: no ORM bookkeeping per turn.
-            batch = rows[start : start + 1_000]
-            session.execute(
-                insert(MessageRow),
-                [{column: getattr(r, column) for column in MESSAGE_COLUMNS} for r in batch],
-            )
-            searchable = [
-                {"conversation_id": conversation_id, "seq": r.seq, "text": text}
-                for r in batch
-                if (text := searchable_text(contents[r.seq - 1]))
-            ]
-            if searchable:
-                session.execute(insert(SearchTextRow), searchable)
-        session.add_all(blocks)
-        session.add_all(summaries)
-        session.flush()
+        self.writer.write(row, rows, contents, blocks, summaries)
 
 
 def import_history(
@@ -990,8 +968,8 @@ def import_history(
     if on_conflict not in ON_CONFLICT:
         raise InvalidInput("on_conflict", f"must be one of {', '.join(ON_CONFLICT)}")
     imported = skipped = messages = 0
-    with store.database.transaction(write=True) as session:
-        importer = _Importer(store, session)
+    with store.records.importing() as writer:
+        importer = _Importer(store, writer)
         for item in _records(source):
             conversation_id = item.record.get("id")
             if item.foreign and conversation_id is None:
@@ -999,7 +977,7 @@ def import_history(
             if not is_conversation_id(conversation_id):
                 raise InvalidInput(item.where, f"has no valid conversation id: {conversation_id!r}")
             assert isinstance(conversation_id, str)
-            if session.get(ConversationRow, conversation_id) is not None:
+            if writer.exists(conversation_id):
                 if on_conflict == "skip":
                     skipped += 1
                     continue

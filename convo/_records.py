@@ -25,6 +25,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Final, TypeVar
@@ -115,6 +116,61 @@ def _turn_json(turn: Turn) -> dict[str, Any]:
 #: The tables behind the hot inserts, for Core statements.
 _MESSAGES: Final = MessageRow.metadata.tables[MessageRow.__tablename__]
 _SEARCH_TEXTS: Final = SearchTextRow.metadata.tables[SearchTextRow.__tablename__]
+
+
+def _insert_turn_rows(
+    session: Session, rows: Sequence[dict[str, Any]], contents: Sequence[Any]
+) -> None:
+    """Insert turns (their column values) and the search text of their ``contents``.
+
+    Core inserts on the tables (executemany), not the ORM's bulk path: many
+    turns cost one round trip, and one turn no ORM bookkeeping.
+    """
+    session.execute(insert(_MESSAGES), rows)
+    searchable = [
+        {"conversation_id": row["conversation_id"], "seq": row["seq"], "text": text}
+        for row, content in zip(rows, contents, strict=True)
+        if (text := searchable_text(content))
+    ]
+    if searchable:
+        session.execute(insert(_SEARCH_TEXTS), searchable)
+
+
+class ImportWriter:
+    """The SQL of one import, inside its one transaction (:meth:`Records.importing`)."""
+
+    #: Turns inserted per statement.
+    BATCH: Final = 1_000
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def exists(self, conversation_id: str) -> bool:
+        return self._session.get(ConversationRow, conversation_id) is not None
+
+    def write(
+        self,
+        conversation: ConversationRow,
+        turns: Sequence[MessageRow],
+        contents: Sequence[Any],
+        blocks: Sequence[ArchiveBlockRow],
+        summaries: Sequence[SummaryRow],
+    ) -> None:
+        """One conversation: its row, turns (``contents``: each turn's content, for
+        the search text of archived turns too), archive blocks and summaries."""
+        session = self._session
+        session.add(conversation)
+        session.flush()
+        for start in range(0, len(turns), self.BATCH):
+            batch = turns[start : start + self.BATCH]
+            _insert_turn_rows(
+                session,
+                [{column: getattr(row, column) for column in MESSAGE_COLUMNS} for row in batch],
+                contents[start : start + self.BATCH],
+            )
+        session.add_all(blocks)
+        session.add_all(summaries)
+        session.flush()
 
 
 def _row_values(message: Message) -> dict[str, Any]:
@@ -622,20 +678,18 @@ class Records:
             )
             for seq, turn in enumerate(turns, start=first)
         ]
-        # Core inserts on the tables (executemany), not the ORM's bulk path: many
-        # turns cost one round trip per batch, and one turn no ORM bookkeeping.
-        session.execute(
-            insert(_MESSAGES),
+        _insert_turn_rows(
+            session,
             [{**_row_values(m), "key": t.key} for m, t in zip(messages, turns, strict=True)],
+            [m.content for m in messages],
         )
-        searchable = [
-            {"conversation_id": conversation.id, "seq": m.seq, "text": text}
-            for m in messages
-            if (text := searchable_text(m.content))
-        ]
-        if searchable:
-            session.execute(insert(_SEARCH_TEXTS), searchable)
         return messages
+
+    @contextmanager
+    def importing(self) -> Iterator[ImportWriter]:
+        """The writes of one import, all in one transaction (all or nothing)."""
+        with self._db.transaction(write=True) as session:
+            yield ImportWriter(session)
 
     def set_excluded(self, conversation_id: str, seq: int, excluded: bool) -> None:
         """Mark a live turn excluded from requests (or include it again); it stays stored."""
