@@ -17,12 +17,23 @@ upward step keeps it on the safe side when conversations' text differs).
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 from .errors import InvalidInput
+
+ENV_MODEL: Final = "CONVO_MODEL"
+#: A current, non-deprecated model from the SDK's list.
+DEFAULT_MODEL: Final = "claude-sonnet-5-5"
+
+
+def default_model() -> str:
+    """The model of conversations that name none: ``CONVO_MODEL``, else convo's default."""
+    return os.environ.get(ENV_MODEL) or DEFAULT_MODEL
+
 
 #: Context windows (input + output tokens), from the model pages (late 2026).
 CONTEXT_WINDOWS: Final[dict[str, int]] = {

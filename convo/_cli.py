@@ -424,7 +424,7 @@ def show(conversation_id: str, show_context: bool, as_json: bool, db_url: str | 
         if as_json:
             _emit_json(
                 {
-                    "conversation": _conversation_json(conv, summary=True),
+                    "conversation": _conversation_state_json(conv),
                     "messages": [_message_json(m) for m in conv.iter_history()],
                 }
             )
@@ -641,9 +641,9 @@ def stats(
         click.echo("  ".join(cells).rstrip())
 
 
-def _conversation_json(conv: Conversation, *, summary: bool = False) -> dict[str, Any]:
-    """A conversation as JSON; with ``summary``, its system prompt, budget and summary state."""
-    record: dict[str, Any] = {
+def _conversation_json(conv: Conversation | Listed) -> dict[str, Any]:
+    """A conversation as JSON, as ``convo list --json`` shows it."""
+    return {
         "id": conv.id,
         "title": conv.title,
         "user_id": conv.user_id,
@@ -653,15 +653,17 @@ def _conversation_json(conv: Conversation, *, summary: bool = False) -> dict[str
         "updated_at": conv.updated_at.isoformat(),
         "metadata": conv.metadata,
     }
-    if summary:
-        record |= {
-            "system": conv.system,
-            "token_budget": conv.token_budget,
-            "budget": conv.budget(),
-            "archived_through_seq": conv.archived_through_seq,
-            "summary": conv.summary(),
-        }
-    return record
+
+
+def _conversation_state_json(conv: Conversation) -> dict[str, Any]:
+    """:func:`_conversation_json` with the system prompt, budget and summary state."""
+    return _conversation_json(conv) | {
+        "system": conv.system,
+        "token_budget": conv.token_budget,
+        "budget": conv.budget(),
+        "archived_through_seq": conv.archived_through_seq,
+        "summary": conv.summary(),
+    }
 
 
 @cli.command()
@@ -782,10 +784,6 @@ def list_command(user_id: str | None, limit: int, as_json: bool, db_url: str | N
     """
     from ._embedded import list_conversations
 
-    if as_json:
-        with _store(db_url) as store:
-            _emit_json([_conversation_json(c) for c in store.list(user_id=user_id, limit=limit)])
-        return
     # The embedded file at the current schema is read without loading the store.
     conversations: Sequence[Conversation | Listed] | None = list_conversations(
         db_url, user_id=user_id, limit=limit
@@ -793,6 +791,9 @@ def list_command(user_id: str | None, limit: int, as_json: bool, db_url: str | N
     if conversations is None:
         with _store(db_url) as store:
             conversations = store.list(user_id=user_id, limit=limit)
+    if as_json:
+        _emit_json([_conversation_json(c) for c in conversations])
+        return
     if not conversations:
         who = f" for user {user_id}" if user_id else ""
         click.echo(f"No conversations{who} yet. Start one with `convo chat` or `convo new`.")

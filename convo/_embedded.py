@@ -12,6 +12,7 @@ reports any error in full.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any, Final
 
 import platformdirs
 
+from ._budget import default_model
 from ._schema import TABLE_PREFIX, VERSION_TABLE, shipped_head
 from .errors import ConvoError, DatabaseUnavailable, NotAConvoDatabase
 
@@ -36,7 +38,7 @@ ENV_DATABASE_URL: Final = "CONVO_DATABASE_URL"
 _SQLITE: Final = "sqlite:///"
 #: Newest first by id (ids are ULIDs: creation order), as ``ConversationStore.list``.
 _LIST_SQL: Final = (
-    "SELECT id, title, last_seq, updated_at "
+    "SELECT id, title, user_id, model, last_seq, created_at, updated_at, metadata "
     "FROM convo_conversations {where} ORDER BY id DESC LIMIT ?"
 )
 
@@ -98,8 +100,18 @@ class Listed:
 
     id: str
     title: str | None
+    user_id: str | None
+    model: str | None
     message_count: int
+    created_at: datetime
     updated_at: datetime
+    metadata: dict[str, Any]
+
+    @property
+    def effective_model(self) -> str:
+        """The model its requests use: its own, else the default (as a store opened
+        without ``model=`` has it)."""
+        return self.model or default_model()
 
 
 def plain_sqlite_path(url: str | None) -> Path | None:
@@ -136,13 +148,22 @@ def list_conversations(url: str | None, *, user_id: str | None, limit: int) -> l
         finally:
             con.close()
         return [_listed(row) for row in rows]
-    except (ConvoError, sqlite3.Error, ValueError, OSError):
+    except (ConvoError, sqlite3.Error, ValueError, TypeError, OSError):
         return None
 
 
 def _listed(row: tuple[Any, ...]) -> Listed:
-    conversation_id, title, last_seq, updated = row
-    return Listed(conversation_id, title, int(last_seq), _utc(updated))
+    conversation_id, title, user_id, model, last_seq, created, updated, metadata = row
+    return Listed(
+        id=conversation_id,
+        title=title,
+        user_id=user_id,
+        model=model,
+        message_count=int(last_seq),
+        created_at=_utc(created),
+        updated_at=_utc(updated),
+        metadata=json.loads(metadata) if metadata else {},
+    )
 
 
 def _utc(stored: str) -> datetime:

@@ -20,14 +20,13 @@ from __future__ import annotations
 import builtins
 import json
 import logging
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import URL
 
-from ._budget import Calibration
+from ._budget import Calibration, default_model
 from ._compaction import DEFAULT_SUMMARIZER_INPUT_TOKENS
 from ._database import Database, mask, resolve_url
 from ._heartbeat import Heartbeat, ThreadHeartbeat
@@ -67,9 +66,6 @@ __all__ = ["Compaction", "ConversationStore"]
 
 logger = logging.getLogger("convo")
 
-ENV_MODEL: Final = "CONVO_MODEL"
-#: A current, non-deprecated model from the SDK's list.
-DEFAULT_MODEL: Final = "claude-sonnet-5-5"
 DEFAULT_LIST_LIMIT: Final = 50
 #: Candidates an ambiguous id prefix lists.
 FIND_CANDIDATES: Final = 10
@@ -182,7 +178,7 @@ class ConversationStore:
         self._client = client
         #: The client the store made itself (closed with the store), if any.
         self._own_client: Any = None
-        self.model: str = model or os.environ.get(ENV_MODEL) or DEFAULT_MODEL
+        self.model: str = model or default_model()
         self.token_budget = check_positive("token_budget", token_budget)
         if not 0.05 <= low_water <= 0.95:
             raise InvalidInput("low_water", f"must be between 0.05 and 0.95, not {low_water!r}")

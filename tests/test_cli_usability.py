@@ -89,9 +89,9 @@ def test_list_reads_the_embedded_file_without_loading_the_store(
 ) -> None:
     url = f"sqlite:///{tmp_path}/list.db"
     with ConversationStore(url) as store:
-        ada = store.create(title="ada's", user_id="ada")
+        ada = store.create(title="ada's", user_id="ada", metadata={"plan": "pro", "n": [1, 2]})
         ada.extend([("user", "hi"), ("assistant", "hello")])
-        store.create(title="bob's", user_id="bob")
+        store.create(title="bob's", user_id="bob", model="claude-haiku-5-5")
         ids = [c.id for c in store.list()]
     script = (
         "import sys; from convo._cli import cli; "
@@ -103,7 +103,7 @@ def test_list_reads_the_embedded_file_without_loading_the_store(
         command = [sys.executable, "-c", script, url, *args]
         return subprocess.run(command, capture_output=True, text=True, check=True).stdout
 
-    fast, fast_ada = quick(), quick("--user", "ada")
+    fast, fast_ada, fast_json = quick(), quick("--user", "ada"), quick("--json")
     assert [line.split()[0] for line in fast.splitlines()[1:]] == ids
     assert [line.split()[0] for line in fast_ada.splitlines()[1:]] == [ada.id]
     assert "No conversations for user eve yet" in quick("--user", "eve")
@@ -111,6 +111,8 @@ def test_list_reads_the_embedded_file_without_loading_the_store(
     monkeypatch.setattr("convo._embedded.list_conversations", lambda *a, **k: None)
     assert run("list", "--db", url)[1] == fast
     assert run("list", "--db", url, "--user", "ada")[1] == fast_ada
+    assert json.loads(run("list", "--db", url, "--json")[1]) == json.loads(fast_json)
+    assert [c["model"] for c in json.loads(fast_json)] == ["claude-haiku-5-5", store.model]
 
 
 def test_the_quick_list_leaves_anything_unusual_to_the_store(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from convo import (
     MissingAPIKey,
     StreamInterrupted,
 )
-from convo._store import DEFAULT_MODEL
+from convo._budget import DEFAULT_MODEL
 from tests.conftest import summarizing_reply
 from tests.faces import ConversationStore
 from tests.fakeapi import FakeMessagesAPI, Reply
