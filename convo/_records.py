@@ -1133,8 +1133,8 @@ class Records:
         """The token-count correction of ``model``, as learned so far.
 
         Read at most every ``CALIBRATION_TTL_S`` seconds per model (every
-        request needs it; it moves slowly); this store's own observations
-        replace it at once.
+        request needs it; it moves slowly), and again after this store
+        writes an observation.
         """
         known = self._calibrations.get(model)
         if known is not None and _clock() < known[1]:
@@ -1178,8 +1178,10 @@ class Records:
                             after.samples,
                             utcnow(),
                         )
-                # Remembered once committed (a failed commit keeps the old one).
-                return self._remember_calibration(model, after)
+                # Read again next time: the database may store it rounded (MariaDB's
+                # FLOAT), and every process must see the same factor.
+                self._calibrations.pop(model, None)
+                return after
             except sa_exc.IntegrityError:
                 continue  # another process inserted the first row: read it and fold again
         return self.calibration(model)
