@@ -20,22 +20,12 @@ import inspect
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from datetime import datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
-from ._bridge import (
-    AwaitingClient,
-    InThreads,
-    awaiting_summarizer,
-    cleanup,
-    in_thread,
-    run,
-    wait,
-)
+from ._bridge import AwaitingClient, awaiting_summarizer, cleanup, run
 from ._conversation import Conversation
-from ._database import sqlite_file
 from ._heartbeat import Heartbeat
 from ._ratelimit import AsyncRateLimiter
-from ._records import Records
 from ._store import DEFAULT_LIST_LIMIT, ConversationStore
 from .errors import InvalidInput
 
@@ -84,22 +74,6 @@ class _AsyncCore(ConversationStore):
     _asynchronous = True
     _limiter_class = AsyncRateLimiter
     _heartbeat_class = TaskHeartbeat
-
-    def _async_driver(self) -> bool:
-        # A SQLite file: the sync driver, each transaction whole in a worker thread
-        # (see _bridge). An in-memory database (one connection) keeps aiosqlite.
-        return sqlite_file(self._url) is None
-
-    def _records_face(self, records: Records) -> Records:
-        if self._db.asynchronous:
-            return records
-        return cast(Records, InThreads(records, inline=frozenset({"row"})))
-
-    def open(self) -> None:
-        if self._db.asynchronous:
-            super().open()
-        else:  # creating or upgrading the file, in a thread too
-            wait(in_thread(super().open))
 
     def _adopt_client(self, client: Any) -> Any:
         if isinstance(client, AwaitingClient):

@@ -6,36 +6,29 @@ runs that same code inside SQLAlchemy's ``greenlet_spawn``, the mechanism
 SQLAlchemy's own ``AsyncSession`` is built on. Inside it, every place the core
 would block awaits instead, on the event loop's thread:
 
-* the database: on PostgreSQL and MySQL/MariaDB the engine's driver is async
-  (psycopg async, aiomysql), and SQLAlchemy awaits each of its calls. SQLite
-  has no asynchronous I/O (aiosqlite runs each call in a thread of its own,
-  some eight hops per statement), so for a SQLite file the store's
-  ``Records`` run each transaction whole in a worker thread on the sync
-  driver (:class:`InThreads`): one hop per transaction;
+* the database: the engine's driver is async (aiosqlite, psycopg async,
+  aiomysql), and SQLAlchemy awaits each of its calls;
 * the API: the store's client is :class:`AwaitingClient`, whose methods await
   an ``anthropic.AsyncAnthropic`` (:func:`wait`);
 * CPU-heavy work on large inputs (counting a long turn, zlib on an archive
   block) is handed to a worker thread by :func:`off_loop`, so it never holds
   the loop; small inputs stay inline, where a thread hop would cost more.
 
-Nothing is copied between the two faces: the async classes in ``_aio`` are
-one-line adapters over the sync ones.
+No thread runs convo's logic and nothing is copied between the two faces: the
+async classes in ``_aio`` are one-line adapters over the sync ones.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import inspect
-import itertools
 from collections.abc import Awaitable, Callable, Iterator
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
 __all__ = [
     "AwaitingClient",
-    "InThreads",
     "awaiting_summarizer",
     "cleanup",
     "in_event_loop",
@@ -110,84 +103,6 @@ def off_loop(fn: Callable[..., _T], size: int, /, *args: Any, **kwargs: Any) -> 
     if size >= OFF_LOOP_BYTES and in_event_loop():
         return wait(asyncio.to_thread(fn, *args, **kwargs))
     return fn(*args, **kwargs)
-
-
-async def in_thread(fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
-    """``fn(*args, **kwargs)`` in a worker thread, run to its end.
-
-    A transaction is never cut in half: a cancellation meanwhile waits for
-    the thread and is delivered at the task's next await, with the result
-    (say, a claim's owner token) already in the core's hands for its cleanup.
-    """
-    future = asyncio.get_running_loop().run_in_executor(
-        None, functools.partial(fn, *args, **kwargs)
-    )
-    task = asyncio.current_task()
-    deferred = False
-    try:
-        while True:
-            try:
-                return await asyncio.shield(future)
-            except asyncio.CancelledError:
-                if future.cancelled() or task is None:
-                    raise
-                deferred = True
-                task.uncancel()  # taken back now, delivered again below
-    finally:
-        if deferred and task is not None:
-            task.cancel()
-
-
-class InThreads:
-    """An object whose public methods each run whole in a worker thread (:func:`in_thread`).
-
-    For the async store's ``Records`` on SQLite. Methods named in ``inline``
-    run where they are called (helpers that take a session), and so does
-    every method called outside the event loop (from a worker thread). A
-    method that returns an iterator gives it a batch at a time, each batch in
-    a thread; one that returns a context manager is refused (a transaction
-    must not stay open across awaits). Attributes pass through, and so does
-    setting them.
-    """
-
-    #: Items of an iterator fetched per hop.
-    BATCH: Final = 500
-
-    def __init__(self, target: Any, *, inline: frozenset[str] = frozenset()) -> None:
-        object.__setattr__(self, "_target", target)
-        object.__setattr__(self, "_inline", inline)
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self._target, name)
-        if name.startswith("_") or name in self._inline or not callable(value):
-            return value
-
-        @functools.wraps(value)
-        def in_a_thread(*args: Any, **kwargs: Any) -> Any:
-            if not in_event_loop():  # in a worker thread already (or no loop at all)
-                return value(*args, **kwargs)
-            result = wait(in_thread(value, *args, **kwargs))
-            if isinstance(result, contextlib.AbstractContextManager):
-                # A transaction held across awaits would hold SQLite's writer lock
-                # while other transactions' threads wait for it: run such a
-                # caller whole in a thread instead.
-                raise TypeError(f"{name}() gives a context manager: call it in a thread")
-            if isinstance(result, Iterator):
-                return self._batches(result)
-            return result
-
-        return in_a_thread
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self._target, name, value)
-
-    def _batches(self, iterator: Iterator[_T]) -> Iterator[_T]:
-        while batch := wait(in_thread(_take, iterator, self.BATCH)):
-            yield from batch
-
-
-def _take(iterator: Iterator[_T], count: int) -> list[_T]:
-    return list(itertools.islice(iterator, count))
 
 
 def rough_size(value: Any) -> int:

@@ -233,7 +233,7 @@ class ConversationStore:
             self._client = client
         self.pool_size = check_positive("pool_size", pool_size)
         self._db = Database(
-            self._url, echo=echo, asynchronous=self._async_driver(), pool_size=self.pool_size
+            self._url, echo=echo, asynchronous=self._asynchronous, pool_size=self.pool_size
         )
         #: Checking, redacting and counting turns and requests.
         self.turns = TurnMaker(
@@ -243,13 +243,11 @@ class ConversationStore:
             request_redactor=self.request_redactor,
         )
         #: Every SQL statement.
-        self.records = self._records_face(
-            Records(
-                self._db,
-                send_lease=self.send_lease,
-                count_text=self.turns.count_text,
-                auto_replay=auto_replay,
-            )
+        self.records = Records(
+            self._db,
+            send_lease=self.send_lease,
+            count_text=self.turns.count_text,
+            auto_replay=auto_replay,
         )
         if not self._asynchronous:
             self.open()
@@ -259,14 +257,6 @@ class ConversationStore:
     _asynchronous: bool = False
     _limiter_class: type[RateLimiter] = RateLimiter
     _heartbeat_class: type[Heartbeat] = ThreadHeartbeat
-
-    def _async_driver(self) -> bool:
-        """Whether the database driver awaits (the async store, on a server)."""
-        return self._asynchronous
-
-    def _records_face(self, records: Records) -> Records:
-        """The records as the core calls them (the async store on SQLite: in threads)."""
-        return records
 
     def _adopt_client(self, client: Any) -> Any:
         """The client the core calls, for a ``client=`` given to the store."""

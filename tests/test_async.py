@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 
 import anthropic
 import pytest
-from sqlalchemy import event
 
 from convo import (
     AsyncConversation,
@@ -63,53 +62,6 @@ async def opened(
 def _statuses(url: str, conversation_id: str) -> list[tuple[str, str]]:
     with ConversationStore(url) as store:
         return [(m.role, m.status) for m in store.get(conversation_id).history()]
-
-
-def test_sqlite_transactions_run_whole_in_worker_threads(
-    tmp_path: Any, fake_api: FakeMessagesAPI, new_client: Any
-) -> None:
-    """On a SQLite file no statement runs on the loop's thread, and a task cancelled
-    while its claim is being written still gets the claim's owner: the cleanup
-    marks the turn failed and releases the claim at once (no 60 s lease to wait)."""
-    url = f"sqlite:///{tmp_path / 'threads.db'}"
-    threads: set[bool] = set()
-    slow = {"on": False}
-
-    def statement(_c: Any, _cur: Any, sql: str, *_: Any) -> None:
-        threads.add(threading.current_thread() is threading.main_thread())
-        if slow["on"] and sql.lstrip().upper().startswith("INSERT INTO CONVO_MESSAGES"):
-            time.sleep(0.4)  # the user turn's insert, inside the claim's transaction
-
-    async def main() -> str:
-        async with opened(url, new_client) as store:
-            conv = await store.create()
-            engine = store._core.database.engine
-            event.listen(engine, "before_cursor_execute", statement)
-            try:
-                await conv.send("warm up")
-                assert threads == {False}
-                slow["on"] = True
-                task = asyncio.create_task(conv.send("cancelled mid-claim"))
-                await asyncio.sleep(0.2)  # the claim's transaction is running
-                task.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await task
-                slow["on"] = False
-                # Released at once, by the cleanup that got the owner token.
-                reply = await conv.send("next")
-                assert reply.status == "complete"
-            finally:
-                event.remove(engine, "before_cursor_execute", statement)
-            return conv.id
-
-    conversation_id = run(main)
-    assert _statuses(url, conversation_id) == [
-        ("user", "complete"),
-        ("assistant", "complete"),
-        ("user", "failed"),
-        ("user", "complete"),
-        ("assistant", "complete"),
-    ]
 
 
 @pytest.mark.parametrize("how", ["timeout", "cancel"])
