@@ -228,6 +228,8 @@ class Sending:
         #: answered it, which the new reply replaces (they stay until it is stored).
         self.retake = retake
         if retake is not None:
+            if "key" in params:
+                raise InvalidInput("key", "a regeneration sends a stored turn: it takes no key")
             row, self.owner = self.store.records.claim(conv.id, last_seq=retake[-1])
             self.user_seq = retake[0]
         else:

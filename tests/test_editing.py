@@ -145,6 +145,8 @@ def test_a_failed_regeneration_keeps_the_old_reply(
         assert _history(conv) == before
         with pytest.raises(InvalidInput, match="max_tokens"):
             conv.regenerate(max_tokens=0)
+        with pytest.raises(InvalidInput, match="takes no key"):
+            conv.regenerate(key="k1")
         assert _history(conv) == before
         # Nothing holds the conversation: the next regeneration goes through.
         fake_api.queue_reply(Reply(text="at last"))
