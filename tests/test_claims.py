@@ -251,3 +251,59 @@ def test_a_sigkilled_sender_blocks_for_one_lease_only(
         assert waited <= 1.5 + 1.0
         roles = [m.role for m in store.get(conv_id).history()]
         assert roles == ["user", "user", "assistant"]
+
+
+REGENERATOR = textwrap.dedent(
+    """
+    import sys
+    from convo import ConversationStore
+
+    conv_id, url = sys.argv[1], sys.argv[2]
+    with ConversationStore(url, send_lease=1.5) as store:
+        with store.get(conv_id).regenerate_stream() as reply:
+            for delta in reply:
+                print(delta, end="", flush=True)
+    """
+)
+
+
+def test_a_regeneration_killed_mid_call_keeps_the_old_reply(
+    migrated_url: str, fake_api: FakeMessagesAPI, api_client: anthropic.Anthropic
+) -> None:
+    """SIGKILL while the new reply streams: nothing ran to clean up, and the old
+    reply is still the answer; the claim lapses within one lease."""
+    with ConversationStore(migrated_url) as store:
+        conv = store.create()
+        conv.extend([("user", "the question"), ("assistant", "the old answer")])
+    fake_api.queue_reply(Reply(text="once upon a time " * 300))
+    fake_api.stream_event_delay = 0.02
+    process = subprocess.Popen(
+        [sys.executable, "-c", REGENERATOR, conv.id, migrated_url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_slow_env(fake_api),
+    )
+    assert _read_until(process, "once upon").endswith("once upon")
+    process.kill()
+    process.communicate(timeout=30)
+    fake_api.stream_event_delay = 0.0
+    conv_id = conv.id
+    with ConversationStore(migrated_url, client=api_client) as store:
+        assert [(m.role, m.text) for m in store.get(conv_id).history()] == [
+            ("user", "the question"),
+            ("assistant", "the old answer"),
+        ]
+        reply = None
+        killed_at = time.monotonic()
+        while reply is None and time.monotonic() - killed_at < 10:
+            try:
+                reply = store.get(conv_id).regenerate(max_tokens=100)
+            except ConversationBusy:
+                time.sleep(0.1)
+        assert reply is not None
+        assert time.monotonic() - killed_at <= 1.5 + 1.0  # one lease, and a margin
+        assert [(m.role, m.text) for m in store.get(conv_id).history()] == [
+            ("user", "the question"),
+            ("assistant", reply.text),
+        ]
