@@ -162,7 +162,7 @@ def _listed(row: tuple[Any, ...]) -> Listed:
         message_count=int(last_seq),
         created_at=_utc(created),
         updated_at=_utc(updated),
-        metadata=json.loads(metadata) if metadata else {},
+        metadata=(json.loads(metadata) if metadata else None) or {},
     )
 
 
