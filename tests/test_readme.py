@@ -86,3 +86,12 @@ def test_readme_async_example_runs(isolated_environment: Path, fake_api: FakeMes
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["echo: Hello!", "echo: And in French?", "complete 4"]
     assert [r.stream for r in fake_api.requests] == [False, True]
+
+
+def test_the_architecture_table_names_every_module() -> None:
+    """A newcomer finds where a behaviour lives from the README's table: every
+    private module of the package is in it, and nothing that is not."""
+    section = README.split("\n## Architecture\n", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"`(_[a-z_]+\.py)`", section))
+    modules = {path.name for path in (ROOT / "convo").glob("_*.py")}
+    assert listed == modules - {"__init__.py", "__main__.py"}
