@@ -244,15 +244,20 @@ class Sending:
             self.user_seq = user_message.seq
         conv._load(row)
         timeout = self.store.send_timeout
-        self.deadline = time.monotonic() + timeout if timeout is not None else None
-        if self.deadline is not None and timeout and hasattr(self.client, "with_middleware"):
-            from ._deadline import Deadline
+        self.deadline: float | None = None
+        #: Whether SDK middleware holds every attempt of the call to the deadline.
+        self.attempts_bounded = False
+        if timeout is not None:
+            self.deadline = time.monotonic() + timeout
+            if hasattr(self.client, "with_middleware"):
+                from ._deadline import Deadline
 
-            # SDK retries included: the whole call within the deadline.
-            retries = getattr(self.client, "max_retries", 0)
-            self.client = self.client.with_middleware(
-                Deadline(self.deadline, timeout, max_retries=retries)
-            )
+                # SDK retries included: the whole call within the deadline.
+                retries = getattr(self.client, "max_retries", 0)
+                self.client = self.client.with_middleware(
+                    Deadline(self.deadline, timeout, max_retries=retries)
+                )
+                self.attempts_bounded = True
         store, owner = self.store, self.owner
         self.heartbeat = store._heartbeat_class(
             lambda: store.records.renew(conv.id, owner),
@@ -268,8 +273,10 @@ class Sending:
             raise
 
     def call_options(self) -> dict[str, Any]:
-        """The SDK's per-request ``timeout``: what is left of ``send_timeout``."""
-        if self.deadline is None or "timeout" in self.request:
+        """For a client without the SDK's middleware hook: the per-request ``timeout``,
+        what is left of ``send_timeout`` (else the ``Deadline`` middleware sets each
+        attempt's)."""
+        if self.deadline is None or self.attempts_bounded or "timeout" in self.request:
             return {}
         return {"timeout": max(1.0, self.deadline - time.monotonic())}
 
