@@ -26,8 +26,8 @@ also takes other tools' histories: the Messages API's ``messages`` (a JSON
 list of MessageParams, or a request body with ``model``/``system``/
 ``messages``, or this module's ``anthropic`` lines) and the output of
 simonw/llm's ``llm logs --json``. Every turn gets the checks ``add`` makes.
-It writes everything in one transaction (``Records.importing``): a bad record (named by its line)
-leaves the database as it was.
+It writes everything in one transaction (``Records.importing``): a bad record
+(named by its line) leaves the database as it was.
 """
 
 from __future__ import annotations
