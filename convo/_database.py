@@ -200,7 +200,19 @@ def _create(url: URL, asynchronous: bool, **options: Any) -> Engine:
         return create_engine(url, **options)
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    return create_async_engine(url, **options).sync_engine
+    if url.get_backend_name() != "sqlite":
+        return create_async_engine(url, **options).sync_engine
+    # SQLite: aiosqlite connections that make one thread hop per statement.
+    from ._sqlite_async import opener
+
+    extra = options.pop("connect_args", {})
+
+    def connect_args() -> tuple[Any, dict[str, Any]]:
+        args, kwargs = engine.dialect.create_connect_args(url)
+        return args, {**kwargs, **extra}
+
+    engine = create_async_engine(url, async_creator=opener(connect_args), **options).sync_engine
+    return engine
 
 
 def make_engine(

@@ -1,0 +1,228 @@
+"""The async store's SQLite connection: aiosqlite, one thread hop per statement.
+
+aiosqlite gives each SQLite connection a thread of its own and runs every call
+there: opening a cursor, executing, fetching, closing the cursor. Each call is
+one hop to that thread and one back to the event loop, which SQLAlchemy makes
+four times for every statement. Most of an async send's own time on SQLite
+went to those hops (64 per send), not to SQLite.
+
+:class:`Connection` is an ``aiosqlite.Connection`` whose cursors run a whole
+statement in one hop: execute, fetch its rows (up to :data:`FIRST_ROWS` of
+them; the rest, if any, when asked for) and close. A ``BEGIN`` goes with the
+transaction's first statement, in its hop (an error it meets, such as a lock
+that stays taken, is raised there). A rollback or commit with no transaction
+open (the pool's reset of a connection already committed) makes no hop at
+all. Each hop still holds the thread only for SQLite's own work, so the event
+loop stays free, as with plain aiosqlite.
+
+The engine opens these through SQLAlchemy's documented ``async_creator``
+(:func:`opener`), with the connection arguments SQLAlchemy's SQLite dialect
+derives from the URL.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections import deque
+from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
+from typing import Any, Final
+
+import aiosqlite
+
+__all__ = ["FIRST_ROWS", "Connection", "StatementCursor", "opener"]
+
+#: Rows an execute fetches in its own hop; a larger result is fetched on demand.
+FIRST_ROWS: Final = 1024
+#: The statements that open a transaction (convo's engine issues them itself).
+_BEGIN: Final = re.compile(
+    r"\s*BEGIN(\s+(DEFERRED|IMMEDIATE|EXCLUSIVE))?(\s+TRANSACTION)?\s*;?\s*", re.IGNORECASE
+)
+
+
+class StatementCursor:
+    """An aiosqlite-shaped cursor that runs each statement, with its rows, in one hop."""
+
+    arraysize = 1
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._cursor: sqlite3.Cursor | None = None  # open only while rows remain
+        self._rows: deque[Any] = deque()
+        self.description: Any = None
+        self.rowcount = -1
+        self.lastrowid: int | None = None
+
+    async def __aenter__(self) -> StatementCursor:
+        return self
+
+    def __await__(self) -> Generator[Any, None, StatementCursor]:
+        # ``await connection.cursor()``, as SQLAlchemy 2.0 opens one: the cursor itself.
+        return self.__aenter__().__await__()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def execute(self, sql: str, parameters: Any = ()) -> StatementCursor:
+        if not parameters and _BEGIN.fullmatch(sql):
+            await self.close()
+            self.description, self.rowcount, self.lastrowid = None, -1, None
+            self._connection.defer_begin(sql)
+            return self
+        await self._run(lambda cursor: cursor.execute(sql, parameters))
+        return self
+
+    async def executemany(self, sql: str, parameters: Iterable[Any]) -> StatementCursor:
+        await self._run(lambda cursor: cursor.executemany(sql, parameters))
+        return self
+
+    async def _run(self, statement: Callable[[sqlite3.Cursor], object]) -> None:
+        await self.close()
+        connection = self._connection
+
+        begin = connection.take_begin()
+
+        def hop() -> tuple[sqlite3.Cursor | None, list[Any], Any, int, int | None]:
+            cursor = connection.driver.cursor()
+            if begin is not None:
+                cursor.execute(begin)
+            statement(cursor)
+            rows = cursor.fetchmany(FIRST_ROWS) if cursor.description else []
+            more = len(rows) == FIRST_ROWS
+            result = cursor.description, cursor.rowcount, cursor.lastrowid
+            if not more:
+                cursor.close()
+            return (cursor if more else None), rows, *result
+
+        self._cursor, rows, self.description, self.rowcount, self.lastrowid = await connection.hop(
+            hop
+        )
+        self._rows = deque(rows)
+
+    async def _fetch(self, size: int | None) -> None:
+        """Bring the buffer up to ``size`` rows (None: all), if the statement has them."""
+        cursor = self._cursor
+        if cursor is None or (size is not None and len(self._rows) >= size):
+            return
+        wanted = None if size is None else max(size - len(self._rows), FIRST_ROWS)
+
+        def hop() -> tuple[list[Any], bool]:
+            rows = cursor.fetchall() if wanted is None else cursor.fetchmany(wanted)
+            done = wanted is None or len(rows) < wanted
+            if done:
+                cursor.close()
+            return rows, done
+
+        rows, done = await self._connection.hop(hop)
+        self._rows.extend(rows)
+        if done:
+            self._cursor = None
+
+    async def fetchone(self) -> Any:
+        await self._fetch(1)
+        return self._rows.popleft() if self._rows else None
+
+    async def fetchmany(self, size: int | None = None) -> Sequence[Any]:
+        size = self.arraysize if size is None else size
+        await self._fetch(size)
+        return [self._rows.popleft() for _ in range(min(size, len(self._rows)))]
+
+    async def fetchall(self) -> Sequence[Any]:
+        await self._fetch(None)
+        rows = list(self._rows)
+        self._rows.clear()
+        return rows
+
+    async def close(self) -> None:
+        self._rows.clear()
+        cursor, self._cursor = self._cursor, None
+        if cursor is not None:
+            await self._connection.hop(cursor.close)
+
+    def __aiter__(self) -> StatementCursor:
+        return self
+
+    async def __anext__(self) -> Any:
+        row = await self.fetchone()
+        if row is None:
+            raise StopAsyncIteration
+        return row
+
+
+class Connection(aiosqlite.Connection):
+    """aiosqlite's connection with :class:`StatementCursor` cursors."""
+
+    def __init__(self, connector: Callable[[], sqlite3.Connection]) -> None:
+        super().__init__(connector, iter_chunk_size=FIRST_ROWS)
+        self._thread.daemon = True  # as SQLAlchemy makes aiosqlite's: exiting never waits on it
+        #: Whether SQLite has a transaction open, as of this connection's last
+        #: statement; None: not known (something else ran since).
+        self._in_transaction: bool | None = None
+        #: A BEGIN not run yet: it goes with the next statement.
+        self._begin: str | None = None
+
+    @property
+    def driver(self) -> sqlite3.Connection:
+        """The sqlite3 connection, for functions running on the connection's thread."""
+        return self._conn
+
+    def defer_begin(self, sql: str) -> None:
+        """Run BEGIN statement ``sql`` with the next statement, in its hop."""
+        if self._begin is not None or self._in_transaction:
+            raise sqlite3.OperationalError("cannot start a transaction within a transaction")
+        self._begin = sql
+
+    def take_begin(self) -> str | None:
+        """The deferred BEGIN, for the statement about to run; it is then no longer pending."""
+        begin, self._begin = self._begin, None
+        return begin
+
+    async def hop(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the connection's thread and return its result.
+
+        Whether a transaction is open afterwards is noted there too.
+        """
+
+        def noted() -> Any:
+            try:
+                return fn()
+            finally:
+                self._in_transaction = self._conn.in_transaction
+
+        return await self._execute(noted)
+
+    async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        self._in_transaction = None
+        return await super()._execute(fn, *args, **kwargs)  # type: ignore[no-untyped-call]
+
+    def cursor(self) -> StatementCursor:  # type: ignore[override]
+        return StatementCursor(self)
+
+    async def commit(self) -> None:
+        # A transaction whose BEGIN is still pending has done nothing: no hop.
+        if self.take_begin() is None and self._in_transaction is not False:
+            await super().commit()
+            self._in_transaction = False
+
+    async def rollback(self) -> None:
+        if self.take_begin() is None and self._in_transaction is not False:
+            await super().rollback()
+            self._in_transaction = False
+
+
+def opener(
+    connect_args: Callable[[], tuple[Sequence[Any], dict[str, Any]]],
+) -> Callable[[], Awaitable[Connection]]:
+    """An ``async_creator`` for ``create_async_engine``.
+
+    ``connect_args`` gives ``sqlite3.connect``'s arguments when a connection
+    is opened (the engine's dialect computes them from the URL).
+    """
+
+    async def open_connection() -> Connection:
+        args, kwargs = connect_args()
+        connection = Connection(lambda: sqlite3.connect(*args, **kwargs))
+        await connection  # opens it on its thread
+        return connection
+
+    return open_connection
