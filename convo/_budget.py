@@ -122,6 +122,17 @@ def effective_budget(token_budget: int | None, *, model: str, max_tokens: int) -
     return ceiling if token_budget is None else min(token_budget, ceiling)
 
 
+def informative(raw_tokens: int, actual_tokens: int) -> bool:
+    """Whether a request's observation can move any calibration at all.
+
+    Tiny requests (fixed overheads dominate) and implausibly low ratios (our
+    estimate was wrong, not the tokenizer) change nothing, whatever was learned.
+    """
+    if raw_tokens < MIN_CALIBRATION_TOKENS or actual_tokens <= 0:
+        return False
+    return actual_tokens / raw_tokens >= IMPLAUSIBLE_RATIO
+
+
 @dataclass(frozen=True, slots=True)
 class Calibration:
     """The correction factor of one model, and how many observations made it."""
@@ -161,11 +172,9 @@ class Calibration:
         [``FACTOR_FLOOR``, ``FACTOR_CEILING``]. Tiny requests and implausibly
         low ratios change nothing.
         """
-        if raw_tokens < MIN_CALIBRATION_TOKENS or actual_tokens <= 0:
+        if not informative(raw_tokens, actual_tokens):
             return self
         ratio = actual_tokens / raw_tokens
-        if ratio < IMPLAUSIBLE_RATIO:
-            return self
         weight = CALIBRATION_WEIGHT_UP if ratio > self.factor else CALIBRATION_WEIGHT_DOWN
         factor = (1 - weight) * self.factor + weight * ratio
         return Calibration(min(FACTOR_CEILING, max(FACTOR_FLOOR, factor)), self.samples + 1)

@@ -16,6 +16,7 @@ from ._budget import (
     FACTOR_CEILING,
     Calibration,
     effective_budget,
+    informative,
     reported_input_tokens,
 )
 from ._editing import check_edit, deletion_span, regeneration_span
@@ -782,8 +783,9 @@ class Conversation:
         Calibration never fails the call: the reply is stored by then, and a
         database error while calibrating (a deadlock between first sends to a
         new model, say) is only logged. An observation that would not move a
-        settled factor is not written: every send on a model would otherwise
-        write that model's one row, which all conversations share.
+        settled factor, or one too small to teach anything, is not written: every
+        send on a model would otherwise write that model's one row, which all
+        conversations share.
         """
         message, row = self.store.records.append(
             self.id, turn, release=release, replacing=replacing
@@ -792,7 +794,9 @@ class Conversation:
         if window is not None and window.calibrates and turn.status == "complete" and turn.usage:
             actual = reported_input_tokens(turn.usage)
             known = window.calibration
-            if known is None or not known.settled_by(window.raw_tokens, actual):
+            if informative(window.raw_tokens, actual) and (
+                known is None or not known.settled_by(window.raw_tokens, actual)
+            ):
                 self._calibrate(window.params["model"], window.raw_tokens, actual)
         return message
 

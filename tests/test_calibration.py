@@ -334,3 +334,29 @@ def test_a_calibration_is_read_once_per_interval(
             assert len(reads) == 2
         finally:
             event.remove(store.database.engine, "before_cursor_execute", count)
+
+
+def test_a_reply_too_small_to_teach_anything_writes_no_calibration(
+    migrated_url: str, api_client: anthropic.Anthropic
+) -> None:
+    """A short exchange cannot move the factor (fixed overheads dominate its size): its
+    reply is stored without touching the calibration row every conversation shares."""
+    with ConversationStore(migrated_url, client=api_client) as store:
+        touched: list[str] = []
+
+        def count(_c: Any, _cur: Any, sql: str, *_: Any) -> None:
+            if "convo_calibration" in sql:
+                touched.append(sql)
+
+        conv = store.create()
+        conv.send("hello", max_tokens=50)  # reads the calibration once
+        event.listen(store.database.engine, "before_cursor_execute", count)
+        try:
+            for _ in range(3):
+                conv.send("and again", max_tokens=50)
+            assert touched == []
+            conv.send(WORDS * 40, max_tokens=50)  # large enough: it is learned from
+            assert any(sql.lstrip().upper().startswith(("INSERT", "UPDATE")) for sql in touched)
+        finally:
+            event.remove(store.database.engine, "before_cursor_execute", count)
+        assert store.calibration(store.model).samples == 1
