@@ -22,7 +22,7 @@ from ._budget import (
 from ._editing import check_edit, deletion_span, regeneration_span
 from ._message import Message
 from ._models import ConversationRow
-from ._records import Compaction, LiveState, check_free
+from ._records import Compaction, LiveState, WindowRead, WindowReader, check_free
 from ._sending import ConversationStream, check_request_params
 from ._sending import send as send_turn
 from ._store import ConversationStore
@@ -310,10 +310,17 @@ class Conversation:
         return self._window(params, compact=compact)
 
     def _window(
-        self, params: dict[str, Any], *, compact: bool = True, leaving_out: range | None = None
+        self,
+        params: dict[str, Any],
+        *,
+        compact: bool = True,
+        leaving_out: range | None = None,
+        first_read: Callable[[WindowReader], WindowRead] | None = None,
     ) -> ContextWindow:
         """:meth:`window`; ``leaving_out``: live turns the request goes without (the
-        replies a regeneration replaces)."""
+        replies a regeneration replaces); ``first_read``: reads the window the
+        first time, in place of :meth:`Records.live_window` (a send reads it
+        in the transaction that claims the conversation)."""
         max_tokens = check_request_params(params)
         model = self.effective_model
         budget = self.budget(max_tokens=max_tokens)
@@ -327,8 +334,11 @@ class Conversation:
         notes: list[str] = []
         factor = calibration.effective_factor
 
+        reads = [first_read] if first_read is not None else []
+
         def plan_for(extra: int) -> tuple[ConversationRow, SummaryPart | None, _Plan]:
-            return self._plan(budget, factor, extra, leaving_out=leaving_out)
+            read = reads.pop() if reads else None
+            return self._plan(budget, factor, extra, leaving_out=leaving_out, read=read)
 
         row, summary, plan = plan_for(extra_tokens)
         reserved = self._recall_reserve(row, plan, budget, factor)
@@ -516,12 +526,13 @@ class Conversation:
         *,
         force: bool = False,
         leaving_out: range | None = None,
+        read: Callable[[WindowReader], WindowRead] | None = None,
     ) -> tuple[ConversationRow, SummaryPart | None, _Plan]:
         """The conversation, its summary, and where the request starts with its turns.
 
-        One read: the newest live turns, newest first, only as many as can be
-        sent (with ``force``: back to the newest exchange's start), less those
-        in ``leaving_out``.
+        One read (by ``read``, else :meth:`Records.live_window`): the newest
+        live turns, newest first, only as many as can be sent (with ``force``:
+        back to the newest exchange's start), less those in ``leaving_out``.
         """
         limits: dict[str, int] = {}
 
@@ -538,7 +549,10 @@ class Conversation:
             start = max(floor, row.window_start_seq)
             return start, lambda turns: _compaction.tail_is_enough(turns, available)
 
-        row, summary, tail, reached = self.store.records.live_window(self.id, reader)
+        if read is None:
+            row, summary, tail, reached = self.store.records.live_window(self.id, reader)
+        else:
+            row, summary, tail, reached = read(reader)
         self._load(row)
         if leaving_out:
             tail = [turn for turn in tail if turn.seq not in leaving_out]

@@ -74,7 +74,7 @@ from .errors import (
     InvalidInput,
 )
 
-__all__ = ["Compaction", "LiveState", "Records"]
+__all__ = ["Claimed", "Compaction", "LiveState", "Records", "WindowRead", "WindowReader"]
 
 logger = logging.getLogger("convo")
 #: How long a model's calibration read from the database is used before reading it again.
@@ -92,6 +92,28 @@ def check_free(conversation: ConversationRow) -> None:
 HISTORY_BATCH = 1_000
 
 _Row = TypeVar("_Row", ArchiveBlockRow, SummaryRow)
+
+#: Says, given the conversation and its summary, from which seq a request's
+#: turns are read, and when those read newest first are enough (see
+#: :meth:`Records.live_turns`).
+WindowReader = Callable[
+    [ConversationRow, SummaryPart | None],
+    tuple[int, Callable[[builtins.list[LiveTurn]], bool]],
+]
+#: What a request is laid out from: the conversation, its summary, its newest
+#: live turns oldest first, and whether they reach back to the first seq asked.
+WindowRead = tuple[ConversationRow, SummaryPart | None, builtins.list[LiveTurn], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A send's claim (:meth:`Records.claim_and_append`): its user turn, the
+    conversation, the claim's owner, and the window read in the same transaction."""
+
+    message: Message
+    row: ConversationRow
+    owner: str
+    window: WindowRead | None
 
 
 def _unpack(
@@ -475,15 +497,17 @@ class Records:
         return _message(row, content)
 
     def claim_and_append(
-        self, conversation_id: str, turn: Turn
-    ) -> tuple[Message, ConversationRow, str]:
+        self, conversation_id: str, turn: Turn, *, reader: WindowReader | None = None
+    ) -> Claimed:
         """Claim the conversation for one send and append its user turn, atomically.
 
         Raises :class:`ConversationBusy` (writing nothing) while another
-        send's claim holds. Returns the claim's owner token for :meth:`release`.
+        send's claim holds. The claim's owner token is for :meth:`release`.
         With an idempotency key already stored, the stored user turn is claimed
         again instead (its reply is then sent for anew), or, if its reply is
-        stored too, :class:`AlreadyAnswered` carries that reply.
+        stored too, :class:`AlreadyAnswered` carries that reply. With
+        ``reader``, the request's window is read in the same transaction, as
+        :meth:`live_window` reads it: a send makes one trip less.
         """
         if self.auto_replay:
             self.replay_outbox(quiet=True)
@@ -507,9 +531,11 @@ class Records:
                         .values(status="complete")
                     )
                     existing = replace(existing, status="complete")
-                return existing, conversation, owner
-            message, row = self._append_locked(session, conversation, turn)
-            return message, row, owner
+                message, row = existing, conversation
+            else:
+                message, row = self._append_locked(session, conversation, turn)
+            window = None if reader is None else self._read_window(session, row, reader)
+            return Claimed(message, row, owner, window)
 
     def claim(self, conversation_id: str, *, last_seq: int) -> tuple[ConversationRow, str]:
         """Claim the conversation for a send of a turn already stored (a regeneration).
@@ -893,26 +919,21 @@ class Records:
                 session, conversation_id, first_seq, last_seq, newest_first, enough
             )
 
-    def live_window(
-        self,
-        conversation_id: str,
-        reader: Callable[
-            [ConversationRow, SummaryPart | None],
-            tuple[int, Callable[[builtins.list[LiveTurn]], bool]],
-        ],
-    ) -> tuple[ConversationRow, SummaryPart | None, builtins.list[LiveTurn], bool]:
+    def live_window(self, conversation_id: str, reader: WindowReader) -> WindowRead:
         """The conversation, its summary and its newest live turns, in one read.
 
         ``reader(row, summary)`` says from which seq on, and when the turns read
         newest first are enough (see :meth:`live_turns`).
         """
         with self._db.transaction() as session:
-            row = self.row(session, conversation_id)
-            summary = self._summary(session, row)
-            first_seq, enough = reader(row, summary)
-            turns, reached = self._read_turns(
-                session, conversation_id, first_seq, row.last_seq, True, enough
-            )
+            return self._read_window(session, self.row(session, conversation_id), reader)
+
+    def _read_window(
+        self, session: Session, row: ConversationRow, reader: WindowReader
+    ) -> WindowRead:
+        summary = self._summary(session, row)
+        first_seq, enough = reader(row, summary)
+        turns, reached = self._read_turns(session, row.id, first_seq, row.last_seq, True, enough)
         return row, summary, turns, reached
 
     def _read_turns(

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
@@ -44,6 +44,8 @@ from .errors import APIError, DatabaseError, InvalidInput, ReplyNotStored, Strea
 
 if TYPE_CHECKING:
     from ._conversation import Conversation
+    from ._models import ConversationRow
+    from ._records import WindowRead, WindowReader
     from ._turns import Turn
     from ._window import ContextWindow
 
@@ -227,22 +229,44 @@ class Sending:
         #: A regeneration: the stored user turn sent again, then the replies that
         #: answered it, which the new reply replaces (they stay until it is stored).
         self.retake = retake
+        self.claimed = False
+        first_read: Callable[[WindowReader], WindowRead] | None = None
         if retake is not None:
             if "key" in params:
                 raise InvalidInput("key", "a regeneration sends a stored turn: it takes no key")
-            row, self.owner = self.store.records.claim(conv.id, last_seq=retake[-1])
-            self.user_seq = retake[0]
+            row, owner = self.store.records.claim(conv.id, last_seq=retake[-1])
+            self._claimed(row, owner, retake[0])
         else:
             turn = self.store.turns.make_turn("user", content, key=self.key)
             conv._check_fits(turn, max_tokens=max_tokens)
-            try:
-                user_message, row, self.owner = self.store.records.claim_and_append(conv.id, turn)
-            except AlreadyAnswered as done:
-                self.answered = done.message
-                self.settled = True
-                return
-            self.user_seq = user_message.seq
+
+            def claim_and_read(reader: WindowReader) -> WindowRead:
+                # The claim, the user turn and the window's read: one transaction.
+                claim = self.store.records.claim_and_append(conv.id, turn, reader=reader)
+                self._claimed(claim.row, claim.owner, claim.message.seq)
+                assert claim.window is not None
+                return claim.window
+
+            first_read = claim_and_read
+
+        try:
+            self.window = conv._window(
+                params, leaving_out=retake[1:] if retake else None, first_read=first_read
+            )
+            self.request = self.store.turns.outbound(self.window.params)
+        except AlreadyAnswered as done:
+            self.answered = done.message
+            self.settled = True
+        except BaseException:
+            if self.claimed:
+                self.fail()
+            raise
+
+    def _claimed(self, row: ConversationRow, owner: str, user_seq: int) -> None:
+        """The conversation is claimed for this send: start the lease's heartbeat."""
+        conv = self.conv
         conv._load(row)
+        self.claimed, self.owner, self.user_seq = True, owner, user_seq
         timeout = self.store.send_timeout
         self.deadline: float | None = None
         #: Whether SDK middleware holds every attempt of the call to the deadline.
@@ -258,19 +282,13 @@ class Sending:
                     Deadline(self.deadline, timeout, max_retries=retries)
                 )
                 self.attempts_bounded = True
-        store, owner = self.store, self.owner
+        store = self.store
         self.heartbeat = store._heartbeat_class(
             lambda: store.records.renew(conv.id, owner),
             lease=store.send_lease,
             deadline=self.deadline,
             name=f"conversation {conv.id}",
         )
-        try:
-            self.window = conv._window(params, leaving_out=retake[1:] if retake else None)
-            self.request = self.store.turns.outbound(self.window.params)
-        except BaseException:
-            self.fail()
-            raise
 
     def call_options(self) -> dict[str, Any]:
         """For a client without the SDK's middleware hook: the per-request ``timeout``,

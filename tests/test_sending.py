@@ -11,7 +11,7 @@ from typing import Any
 
 import anthropic
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from convo import (
     APIError,
@@ -87,6 +87,31 @@ def test_the_user_turn_is_committed_before_the_call(
     fake_api.reply = reply
     conv.send("durable?")
     assert seen == [["durable?"]]
+
+
+def test_a_send_is_two_transactions(store: ConversationStore) -> None:
+    """The claim, the user turn and the window's read are one transaction; the reply and
+    the claim's end the other. Nothing else touches the database on a plain send."""
+    conv = store.create()
+    conv.send("warm up")  # the calibration is read once per interval
+    transactions: list[str] = []
+
+    def begun(connection: Any) -> None:
+        transactions.append(
+            "write" if connection.get_execution_options().get("convo_write") else "read"
+        )
+
+    event.listen(store.database.engine, "begin", begun)
+    try:
+        conv.send("how many trips?")
+        assert transactions == ["write", "write"]
+        transactions.clear()
+        with pytest.raises(InvalidInput):
+            conv.send("too much output", max_tokens=10_000_000)
+        assert transactions == []  # refused before anything was written
+    finally:
+        event.remove(store.database.engine, "begin", begun)
+    assert [m.text for m in conv.history()][-2:] == ["how many trips?", "echo: how many trips?"]
 
 
 def test_a_large_max_tokens_streams_under_the_hood(
