@@ -90,7 +90,10 @@ async def cleanup(fn: Callable[..., _T], /, *args: Any) -> _T:
 
 def wait(awaitable: Awaitable[_T]) -> _T:
     """From core code run by :func:`run`: await ``awaitable`` and return its result."""
-    from sqlalchemy.util import await_
+    try:
+        from sqlalchemy.util import await_
+    except ImportError:  # SQLAlchemy 2.0 names it await_only
+        from sqlalchemy.util import await_only as await_
 
     return await_(awaitable)
 
