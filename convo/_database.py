@@ -394,11 +394,13 @@ class Database:
             raise corrupted(exc) from exc
 
     @contextmanager
-    def transaction(self, *, write: bool = False) -> Iterator[Session]:
+    def transaction(self, *, write: bool = False, brief: bool = False) -> Iterator[Session]:
         """A session in one transaction: committed on success, rolled back on any error.
 
         ``write=True`` marks a transaction that will write; on SQLite it takes
-        the write lock when it begins.
+        the write lock when it begins. ``brief=True`` marks a few indexed
+        statements (a send's claim, its reply): the async store runs those on
+        SQLite without thread hops (see ``convo._sqlite_async``).
         """
         engine = self._write_engine if write else self.engine
         with (
@@ -406,8 +408,28 @@ class Database:
             self._reported(),
             Session(engine, expire_on_commit=False) as session,
             session.begin(),
+            self._briefly(session, brief),
         ):
             yield session
+
+    @contextmanager
+    def _briefly(self, session: Session, brief: bool) -> Iterator[None]:
+        """While the transaction's statements run: on the async store's SQLite
+        connection, without thread hops (its commit, after this, still hops)."""
+        if not (brief and self.asynchronous and self.dialect == "sqlite"):
+            yield
+            return
+        from ._sqlite_async import Connection as AsyncSQLite
+
+        driver = session.connection().connection.driver_connection
+        if not isinstance(driver, AsyncSQLite):  # pragma: no cover - convo's engine opens these
+            yield
+            return
+        driver.brief = True
+        try:
+            yield
+        finally:
+            driver.brief = False
 
     @contextmanager
     def _writer(self, write: bool) -> Iterator[None]:

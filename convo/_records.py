@@ -266,12 +266,12 @@ class Records:
     # -- conversations -------------------------------------------------------
 
     def insert_conversation(self, row: ConversationRow) -> None:
-        with self._db.transaction(write=True) as session:
+        with self._db.transaction(write=True, brief=True) as session:
             session.add(row)
 
     def conversation(self, conversation_id: str) -> ConversationRow:
         """The conversation's row; :class:`ConversationNotFound` if there is none."""
-        with self._db.transaction() as session:
+        with self._db.transaction(brief=True) as session:
             return self.row(session, conversation_id)
 
     def newest(
@@ -458,7 +458,7 @@ class Records:
         """
         if self.auto_replay:
             self.replay_outbox(quiet=True)
-        with self._db.transaction(write=True) as session:
+        with self._db.transaction(write=True, brief=True) as session:
             conversation = self.row(session, conversation_id, lock=True)
             if release is not None and conversation.busy_owner == release:
                 conversation.busy_until = None
@@ -511,7 +511,7 @@ class Records:
         """
         if self.auto_replay:
             self.replay_outbox(quiet=True)
-        with self._db.transaction(write=True) as session:
+        with self._db.transaction(write=True, brief=True) as session:
             conversation = self.row(session, conversation_id, lock=True)
             check_free(conversation)
             existing = self._keyed(session, conversation_id, turn.key)
@@ -546,7 +546,7 @@ class Records:
         """
         if self.auto_replay:
             self.replay_outbox(quiet=True)
-        with self._db.transaction(write=True) as session:
+        with self._db.transaction(write=True, brief=True) as session:
             conversation = self.row(session, conversation_id, lock=True)
             check_free(conversation)
             if conversation.last_seq != last_seq:
@@ -566,7 +566,7 @@ class Records:
 
     def renew(self, conversation_id: str, owner: str) -> bool:
         """Extend a live send's claim by one lease; False if it is no longer the owner's."""
-        with self._db.transaction(write=True) as session:
+        with self._db.transaction(write=True, brief=True) as session:
             result = session.execute(
                 update(ConversationRow)
                 .where(ConversationRow.id == conversation_id, ConversationRow.busy_owner == owner)
@@ -579,7 +579,7 @@ class Records:
 
         Returns True if a claim was cleared.
         """
-        with self._db.transaction(write=True) as session:
+        with self._db.transaction(write=True, brief=True) as session:
             conversation = self.row(session, conversation_id, lock=True)
             if conversation.busy_owner is None and conversation.busy_until is None:
                 return False
@@ -745,7 +745,7 @@ class Records:
         values: dict[str, Any] = {"status": status}
         if model is not None:
             values["model"] = model
-        with self._db.transaction(write=True) as session:
+        with self._db.transaction(write=True, brief=True) as session:
             session.execute(
                 update(MessageRow)
                 .where(MessageRow.conversation_id == conversation_id, MessageRow.seq == seq)
@@ -925,7 +925,7 @@ class Records:
         ``reader(row, summary)`` says from which seq on, and when the turns read
         newest first are enough (see :meth:`live_turns`).
         """
-        with self._db.transaction() as session:
+        with self._db.transaction(brief=True) as session:
             return self._read_window(session, self.row(session, conversation_id), reader)
 
     def _read_window(
@@ -1160,7 +1160,7 @@ class Records:
         known = self._calibrations.get(model)
         if known is not None and _clock() < known[1]:
             return known[0]
-        with self._db.transaction() as session:
+        with self._db.transaction(brief=True) as session:
             row = session.get(CalibrationRow, model)
             found = Calibration(row.factor, row.samples) if row else Calibration()
         return self._remember_calibration(model, found)
@@ -1173,7 +1173,7 @@ class Records:
         """Fold one request's reported input size into ``model``'s calibration."""
         for _ in range(3):
             try:
-                with self._db.transaction(write=True) as session:
+                with self._db.transaction(write=True, brief=True) as session:
                     row = session.scalars(
                         select(CalibrationRow)
                         .where(CalibrationRow.model == model)

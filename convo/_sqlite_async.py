@@ -1,4 +1,4 @@
-"""The async store's SQLite connection: aiosqlite, one thread hop per statement.
+"""The async store's SQLite connection: aiosqlite, one thread hop per statement at most.
 
 aiosqlite gives each SQLite connection a thread of its own and runs every call
 there: opening a cursor, executing, fetching, closing the cursor. Each call is
@@ -14,6 +14,15 @@ that stays taken, is raised there). A rollback or commit with no transaction
 open (the pool's reset of a connection already committed) makes no hop at
 all. Each hop still holds the thread only for SQLite's own work, so the event
 loop stays free, as with plain aiosqlite.
+
+A brief transaction (``Database.transaction(brief=True)``: a send's claim
+and window, its reply, a claim's renewal) runs its statements on the event
+loop's thread, with no hop: they are a few indexed statements, which cost
+SQLite microseconds, where each hop costs a round trip through two threads
+and lets other tasks in while the transaction holds SQLite's write lock. Its
+BEGIN IMMEDIATE is tried without waiting; if another process holds the write
+lock, the wait happens on the connection's thread as before. Its COMMIT, which
+writes the log, is always a hop.
 
 The engine opens these through SQLAlchemy's documented ``async_creator``
 (:func:`opener`), with the connection arguments SQLAlchemy's SQLite dialect
@@ -38,10 +47,13 @@ FIRST_ROWS: Final = 1024
 _BEGIN: Final = re.compile(
     r"\s*BEGIN(\s+(DEFERRED|IMMEDIATE|EXCLUSIVE))?(\s+TRANSACTION)?\s*;?\s*", re.IGNORECASE
 )
+#: A BEGIN that takes the write lock at once, so may wait for another process.
+_TAKES_WRITE_LOCK: Final = re.compile(r"IMMEDIATE|EXCLUSIVE", re.IGNORECASE)
 
 
 class StatementCursor:
-    """An aiosqlite-shaped cursor that runs each statement, with its rows, in one hop."""
+    """An aiosqlite-shaped cursor that runs each statement, with its rows, in one hop
+    (none in a brief transaction: see :meth:`Connection.run`)."""
 
     arraysize = 1
 
@@ -80,12 +92,8 @@ class StatementCursor:
         await self.close()
         connection = self._connection
 
-        begin = connection.take_begin()
-
-        def hop() -> tuple[sqlite3.Cursor | None, list[Any], Any, int, int | None]:
+        def work() -> tuple[sqlite3.Cursor | None, list[Any], Any, int, int | None]:
             cursor = connection.driver.cursor()
-            if begin is not None:
-                cursor.execute(begin)
             statement(cursor)
             rows = cursor.fetchmany(FIRST_ROWS) if cursor.description else []
             more = len(rows) == FIRST_ROWS
@@ -94,9 +102,8 @@ class StatementCursor:
                 cursor.close()
             return (cursor if more else None), rows, *result
 
-        self._cursor, rows, self.description, self.rowcount, self.lastrowid = await connection.hop(
-            hop
-        )
+        ran = await connection.run(work, begin=connection.take_begin())
+        self._cursor, rows, self.description, self.rowcount, self.lastrowid = ran
         self._rows = deque(rows)
 
     async def _fetch(self, size: int | None) -> None:
@@ -106,14 +113,14 @@ class StatementCursor:
             return
         wanted = None if size is None else max(size - len(self._rows), FIRST_ROWS)
 
-        def hop() -> tuple[list[Any], bool]:
+        def work() -> tuple[list[Any], bool]:
             rows = cursor.fetchall() if wanted is None else cursor.fetchmany(wanted)
             done = wanted is None or len(rows) < wanted
             if done:
                 cursor.close()
             return rows, done
 
-        rows, done = await self._connection.hop(hop)
+        rows, done = await self._connection.run(work)
         self._rows.extend(rows)
         if done:
             self._cursor = None
@@ -137,7 +144,7 @@ class StatementCursor:
         self._rows.clear()
         cursor, self._cursor = self._cursor, None
         if cursor is not None:
-            await self._connection.hop(cursor.close)
+            await self._connection.run(cursor.close)
 
     def __aiter__(self) -> StatementCursor:
         return self
@@ -160,10 +167,12 @@ class Connection(aiosqlite.Connection):
         self._in_transaction: bool | None = None
         #: A BEGIN not run yet: it goes with the next statement.
         self._begin: str | None = None
+        #: Run statements on the event loop's thread, not in hops (:meth:`run`).
+        self.brief = False
 
     @property
     def driver(self) -> sqlite3.Connection:
-        """The sqlite3 connection, for functions running on the connection's thread."""
+        """The sqlite3 connection, for :meth:`run`'s work (never used from two threads at once)."""
         return self._conn
 
     def defer_begin(self, sql: str) -> None:
@@ -176,6 +185,42 @@ class Connection(aiosqlite.Connection):
         """The deferred BEGIN, for the statement about to run; it is then no longer pending."""
         begin, self._begin = self._begin, None
         return begin
+
+    async def run(self, fn: Callable[[], Any], *, begin: str | None = None) -> Any:
+        """Run statement work ``fn`` (after a deferred BEGIN ``begin``) and return its result.
+
+        In one hop to the connection's thread; while :attr:`brief`, on the
+        calling thread instead: brief transactions (claims, appends, a
+        request's window) are a few indexed statements, which cost SQLite
+        microseconds, less than the hop. Only a lock can make them wait, and
+        only at a BEGIN that takes the write lock: that BEGIN is tried without
+        waiting, and if the lock is held elsewhere the statement goes to the
+        thread, which waits for it there.
+        """
+        if self.brief:
+            try:
+                return self._at_once(fn, begin)
+            except _LockHeld:
+                pass
+
+        def work() -> Any:
+            if begin is not None:
+                self._conn.execute(begin)
+            return fn()
+
+        return await self.hop(work)
+
+    def _at_once(self, fn: Callable[[], Any], begin: str | None) -> Any:
+        connection = self._conn
+        try:
+            if begin is not None:
+                if _TAKES_WRITE_LOCK.search(begin):
+                    _begin_without_waiting(connection, begin)
+                else:
+                    connection.execute(begin)
+            return fn()
+        finally:
+            self._in_transaction = connection.in_transaction
 
     async def hop(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the connection's thread and return its result.
@@ -210,6 +255,24 @@ class Connection(aiosqlite.Connection):
             self._in_transaction = False
 
 
+class _LockHeld(Exception):
+    """A BEGIN tried without waiting found the write lock held elsewhere."""
+
+
+def _begin_without_waiting(connection: sqlite3.Connection, begin: str) -> None:
+    """Run ``begin`` with SQLite's busy handler off; :class:`_LockHeld` if it would wait."""
+    ((waits_ms,),) = connection.execute("PRAGMA busy_timeout").fetchall()
+    connection.execute("PRAGMA busy_timeout = 0")
+    try:
+        connection.execute(begin)
+    except sqlite3.OperationalError as exc:
+        if connection.in_transaction or not ("locked" in str(exc) or "busy" in str(exc)):
+            raise
+        raise _LockHeld from exc
+    finally:
+        connection.execute(f"PRAGMA busy_timeout = {int(waits_ms)}")
+
+
 def opener(
     connect_args: Callable[[], tuple[Sequence[Any], dict[str, Any]]],
 ) -> Callable[[], Awaitable[Connection]]:
@@ -221,6 +284,8 @@ def opener(
 
     async def open_connection() -> Connection:
         args, kwargs = connect_args()
+        # Used from the event loop's thread too (brief transactions), never at once.
+        kwargs = {**kwargs, "check_same_thread": False}
         connection = Connection(lambda: sqlite3.connect(*args, **kwargs))
         await connection  # opens it on its thread
         return connection

@@ -18,8 +18,8 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from convo import _sqlite_async
-from convo._database import make_engine
+from convo import _bridge, _sqlite_async
+from convo._database import Database, make_engine
 from convo._sqlite_async import FIRST_ROWS, Connection
 
 T = TypeVar("T")
@@ -196,6 +196,83 @@ def test_a_begin_that_cannot_take_the_lock_fails_its_first_statement(tmp_path: P
     error, rows = run(main)
     assert "locked" in error
     assert rows == [(1,), (3,)]
+
+
+def test_a_brief_transaction_hops_only_to_commit(tmp_path: Path, hops: list[str]) -> None:
+    """A send's claim and reply run their statements on the loop's thread: a few
+    indexed statements cost SQLite less than one trip through the threads."""
+    database = Database(make_url(f"sqlite:///{tmp_path}/b.db"), asynchronous=True)
+
+    def work() -> tuple[list[str], list[str], int]:
+        with database.transaction(write=True) as session:
+            session.execute(text("CREATE TABLE t (n INTEGER)"))
+        hops.clear()
+        with database.transaction(write=True, brief=True) as session:
+            session.execute(text("INSERT INTO t VALUES (1)"))
+            session.execute(text("INSERT INTO t VALUES (2)"))
+            count = session.execute(text("SELECT count(*) FROM t")).scalar_one()
+        brief = list(hops)
+        hops.clear()
+        with database.transaction(write=True) as session:
+            session.execute(text("INSERT INTO t VALUES (3)"))
+        return brief, list(hops), count
+
+    async def main() -> tuple[list[str], list[str], int]:
+        try:
+            return await _bridge.run(work)
+        finally:
+            await _bridge.run(database.close)
+
+    brief, plain, count = run(main)
+    assert count == 2
+    assert brief == ["commit"]
+    assert plain == ["noted", "commit"]  # BEGIN with the insert, then the commit
+
+
+def test_a_brief_transaction_waits_for_the_lock_off_the_loop(tmp_path: Path) -> None:
+    """Another process holds SQLite's write lock: a brief write transaction waits for
+    it on the connection's thread, and the loop keeps running meanwhile."""
+    path = tmp_path / "b.db"
+    database = Database(make_url(f"sqlite:///{path}"), asynchronous=True)
+
+    def create() -> None:
+        with database.transaction(write=True) as session:
+            session.execute(text("CREATE TABLE t (n INTEGER)"))
+
+    def write() -> int:
+        with database.transaction(write=True, brief=True) as session:
+            session.execute(text("INSERT INTO t VALUES (1)"))
+            return int(session.execute(text("SELECT count(*) FROM t")).scalar_one())
+
+    async def main() -> tuple[int, int]:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.005)
+                ticks += 1
+
+        await _bridge.run(create)
+        holder = sqlite3.connect(path, isolation_level=None)  # "another process"
+        ticker = asyncio.ensure_future(tick())
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            holder.execute("INSERT INTO t VALUES (0)")
+            writing = asyncio.ensure_future(_bridge.run(write))
+            await asyncio.sleep(0.3)
+            assert not writing.done()  # waiting for the lock
+            ticked_while_waiting = ticks
+            holder.execute("COMMIT")
+            return await asyncio.wait_for(writing, 10), ticked_while_waiting
+        finally:
+            ticker.cancel()
+            holder.close()
+            await _bridge.run(database.close)
+
+    count, ticks = run(main)
+    assert count == 2
+    assert ticks >= 20  # 300 ms of 5 ms ticks: the loop was never held by the wait
 
 
 def test_the_engine_opens_statement_connections() -> None:
