@@ -3,7 +3,9 @@
 The fake Messages API runs in a process of its own and answers every call
 after 200 ms (``--latency``), as a fast real model would. 100 conversations
 (``--conversations``) each send 5 turns (``--turns``) one after another, all
-conversations at once, through one ``AsyncConversationStore``. Reported:
+conversations at once, through one ``AsyncConversationStore``: first back to
+back, then as people chat, each reading a reply for ``--think`` seconds (2)
+before the next question. Reported:
 
 * sends per second, over the whole run;
 * a send's time, p50/p95, next to a bare ``AsyncAnthropic.messages.create`` of
@@ -13,7 +15,7 @@ conversations at once, through one ``AsyncConversationStore``. Reported:
 * the event loop's lag, p99: a task asks to wake every 5 ms and records how
   late it woke. A blocked loop shows here.
 
-    python bench/async_sends.py [--quick] [--record] [--no-postgres] [--pool-size N]
+    python bench/async_sends.py [--quick] [--record] [--no-postgres] [--pool-size N] [--think S]
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import multiprocessing as mp
+import random
 import sys
 import time
 from pathlib import Path
@@ -92,7 +95,7 @@ def time_calls(client: anthropic.AsyncAnthropic) -> None:
 
 
 async def _convo_run(
-    url: str, base_url: str, conversations: int, turns: int, pool_size: int
+    url: str, base_url: str, conversations: int, turns: int, pool_size: int, think: float = 0.0
 ) -> dict[str, Any]:
     async with anthropic.AsyncAnthropic(base_url=base_url, api_key="test-key") as raw:
         time_calls(raw)
@@ -103,6 +106,7 @@ async def _convo_run(
 
             async def talk(index: int) -> None:
                 conv = convs[index]
+                await _read_reply(index, -1, think)  # people arrive at different times
                 for turn in range(turns):
                     spent: list[float] = []
                     CALL_SECONDS.set(spent)
@@ -111,6 +115,7 @@ async def _convo_run(
                     elapsed = time.perf_counter() - started
                     sends.append(elapsed)
                     overheads.append(elapsed - sum(spent))
+                    await _read_reply(index, turn, think)
 
             # One warm-up send per conversation: connections, tokenizer, caches.
             await asyncio.gather(*(c_.send("warm up", max_tokens=50) for c_ in convs))
@@ -125,11 +130,21 @@ async def _convo_run(
     return {"wall": wall, "sends": sends, "overheads": overheads, "lags": lag.lags}
 
 
-async def _bare_run(base_url: str, conversations: int, turns: int) -> dict[str, Any]:
+async def _read_reply(index: int, turn: int, think: float) -> None:
+    """A person reading the reply: 0.5 to 1.5 times ``think`` seconds, drawn for each
+    conversation and turn (the same in every run), so conversations do not align."""
+    if think:
+        await asyncio.sleep(think * random.Random(f"{index}/{turn}").uniform(0.5, 1.5))
+
+
+async def _bare_run(
+    base_url: str, conversations: int, turns: int, think: float = 0.0
+) -> dict[str, Any]:
     async with anthropic.AsyncAnthropic(base_url=base_url, api_key="test-key") as client:
         calls: list[float] = []
 
         async def talk(index: int) -> None:
+            await _read_reply(index, -1, think)
             for turn in range(turns):
                 started = time.perf_counter()
                 await client.messages.create(
@@ -141,6 +156,7 @@ async def _bare_run(base_url: str, conversations: int, turns: int) -> dict[str, 
                     ],
                 )
                 calls.append(time.perf_counter() - started)
+                await _read_reply(index, turn, think)
 
         await asyncio.gather(*(talk(i) for i in range(conversations)))
         calls.clear()
@@ -165,11 +181,14 @@ def _row(label: str, result: dict[str, Any], total: int) -> list[str]:
 
 
 NOTES = """How to read it: at 100 conversations sending back to back against a 200 ms API,
-the demand is 500 sends/s. One process runs convo's send path (the window, counting,
-SQLAlchemy, the SDK) at the rate in the sends/s column, one core's worth; beyond it, sends
-queue, and the queueing is most of the overhead shown. The uncontended rows are convo's own
-cost per send. The bare SDK's loop lag (100 responses parsed at once) is the loop lag of the
-SDK itself; convo's async store adds none on SQLite (aiosqlite works in its own threads)."""
+the demand is 500 sends/s, more than one process can serve here even without convo (the
+bare SDK's row): convo's send path (the window, counting, SQLAlchemy, the SDK) runs at the
+rate in the sends/s column, one core's worth; beyond it, sends queue, and the queueing is
+most of the overhead shown. The "one send at a time" rows are convo's own cost per send. The
+"people reading" rows are 100 conversations as people hold them: the load one process
+carries, where a send's overhead is its own cost plus brief queueing when sends coincide.
+The bare SDK's loop lag when 100 responses arrive at once is the SDK's own; convo's async
+store adds none on SQLite (its statements run in aiosqlite's threads)."""
 
 
 def main() -> None:
@@ -178,6 +197,7 @@ def main() -> None:
     p.add_argument("--turns", type=int, default=5)
     p.add_argument("--latency", type=float, default=0.2, help="seconds per fake API call")
     p.add_argument("--pool-size", type=int, default=20, help="the store's pool_size")
+    p.add_argument("--think", type=float, default=2.0, help="seconds a person reads a reply (mean)")
     args = p.parse_args()
     if args.quick:
         args.conversations, args.turns = 20, 2
@@ -202,6 +222,17 @@ def main() -> None:
             with c.fresh_database(kind, postgres) as url:
                 alone = asyncio.run(_convo_run(url, base_url, 1, SOLO_TURNS, args.pool_size))
             rows.append(_row(f"convo, {kind}, one send at a time", alone, SOLO_TURNS))
+        reading = f"people reading {args.think:g} s"
+        bare = asyncio.run(_bare_run(base_url, args.conversations, args.turns, args.think))
+        rows.append(_row(f"bare AsyncAnthropic, {reading}", bare, total))
+        for kind in c.database_kinds(postgres):
+            with c.fresh_database(kind, postgres) as url:
+                result = asyncio.run(
+                    _convo_run(
+                        url, base_url, args.conversations, args.turns, args.pool_size, args.think
+                    )
+                )
+            rows.append(_row(f"convo, {kind}, {reading}", result, total))
     finally:
         stop.set()
         server.join(timeout=30)
@@ -220,7 +251,12 @@ def main() -> None:
         f"{args.latency * 1000:.0f} ms per API call (fake API in its own process), "
         f'pool_size={args.pool_size}, default options (recall on). The rows "one send at a '
         f"time\" send {SOLO_TURNS} turns on one conversation, nothing else running: convo's "
-        "own cost per send, without queueing.\n\n" + c.table(headers, rows) + "\n\n" + NOTES
+        f'own cost per send, without queueing. In the rows "people reading", each of the '
+        f"{args.conversations} conversations waits {args.think / 2:g}-{args.think * 1.5:g} s "
+        "after a reply before its next question, as a person reading it would.\n\n"
+        + c.table(headers, rows)
+        + "\n\n"
+        + NOTES
     )
     print(body)
     if args.record:
