@@ -334,10 +334,9 @@ class Conversation:
         notes: list[str] = []
         factor = calibration.effective_factor
 
-        reads = [first_read] if first_read is not None else []
-
         def plan_for(extra: int) -> tuple[ConversationRow, SummaryPart | None, _Plan]:
-            read = reads.pop() if reads else None
+            nonlocal first_read
+            read, first_read = first_read, None  # the first read only
             return self._plan(budget, factor, extra, leaving_out=leaving_out, read=read)
 
         row, summary, plan = plan_for(extra_tokens)

@@ -113,6 +113,11 @@ def sqlite_file(url: URL) -> Path | None:
     return Path(database)
 
 
+def sqlite_busy(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite refused because another connection holds a lock it needs."""
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
 def _use_wal(cursor: Any) -> None:
     """Switch the file to WAL, waiting out other processes opening it at the same time.
 
@@ -128,8 +133,7 @@ def _use_wal(cursor: Any) -> None:
             cursor.execute("PRAGMA journal_mode = WAL")
             return
         except sqlite3.OperationalError as exc:
-            busy = "locked" in str(exc) or "busy" in str(exc)
-            if not busy or time.monotonic() + pause > deadline:
+            if not sqlite_busy(exc) or time.monotonic() + pause > deadline:
                 raise
         time.sleep(pause)
         pause = min(pause * 2, 0.2)

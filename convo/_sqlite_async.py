@@ -39,6 +39,8 @@ from typing import Any, Final
 
 import aiosqlite
 
+from ._database import sqlite_busy
+
 __all__ = ["FIRST_ROWS", "Connection", "StatementCursor", "opener"]
 
 #: Rows an execute fetches in its own hop; a larger result is fetched on demand.
@@ -199,42 +201,27 @@ class Connection(aiosqlite.Connection):
         """
         if self.brief:
             try:
-                return self._at_once(fn, begin)
+                return self._noted(fn, begin, False)
             except _LockHeld:
                 pass
+        return await self._execute(self._noted, fn, begin, True)
 
-        def work() -> Any:
-            if begin is not None:
-                self._conn.execute(begin)
-            return fn()
+    def _noted(self, fn: Callable[[], Any], begin: str | None, wait: bool) -> Any:
+        """``begin`` (if any), then ``fn``; whether a transaction is open is noted after.
 
-        return await self.hop(work)
-
-    def _at_once(self, fn: Callable[[], Any], begin: str | None) -> Any:
+        Without ``wait``, a BEGIN that would wait for the write lock raises
+        :class:`_LockHeld` instead.
+        """
         connection = self._conn
         try:
             if begin is not None:
-                if _TAKES_WRITE_LOCK.search(begin):
+                if not wait and _TAKES_WRITE_LOCK.search(begin):
                     _begin_without_waiting(connection, begin)
                 else:
                     connection.execute(begin)
             return fn()
         finally:
             self._in_transaction = connection.in_transaction
-
-    async def hop(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the connection's thread and return its result.
-
-        Whether a transaction is open afterwards is noted there too.
-        """
-
-        def noted() -> Any:
-            try:
-                return fn()
-            finally:
-                self._in_transaction = self._conn.in_transaction
-
-        return await self._execute(noted)
 
     async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         self._in_transaction = None
@@ -266,7 +253,7 @@ def _begin_without_waiting(connection: sqlite3.Connection, begin: str) -> None:
     try:
         connection.execute(begin)
     except sqlite3.OperationalError as exc:
-        if connection.in_transaction or not ("locked" in str(exc) or "busy" in str(exc)):
+        if connection.in_transaction or not sqlite_busy(exc):
             raise
         raise _LockHeld from exc
     finally:

@@ -226,7 +226,7 @@ def test_a_brief_transaction_hops_only_to_commit(tmp_path: Path, hops: list[str]
     brief, plain, count = run(main)
     assert count == 2
     assert brief == ["commit"]
-    assert plain == ["noted", "commit"]  # BEGIN with the insert, then the commit
+    assert plain == ["_noted", "commit"]  # BEGIN with the insert, then the commit
 
 
 def test_a_brief_transaction_waits_for_the_lock_off_the_loop(tmp_path: Path) -> None:
